@@ -1,0 +1,516 @@
+"""Experiment configs: load `experiments/<name>.py:arg`, apply CLI overrides, validate, freeze.
+
+An experiment file defines `get_config(arg=None) -> ml_collections.ConfigDict`, usually by editing
+`base_config()`. The ConfigDict stops at the program's edge: models receive the frozen
+`ModelConfig` dataclass built by `model_config()`. Model fields use the Hugging Face names.
+
+Every check here runs before anything compiles; a failed check raises `ConfigError`, which the CLI
+prints as one line naming the field (exit code 2).
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import importlib.util
+import os
+from typing import Any, Optional, Sequence
+
+import ml_collections
+
+ConfigDict = ml_collections.ConfigDict
+
+
+class ConfigError(ValueError):
+  """A bad config value. `field` is the dotted path, e.g. `model.hidden_size`."""
+
+  def __init__(self, field: str, message: str):
+    super().__init__(f"config.{field}: {message}")
+    self.field = field
+
+
+# ----------------------------------------------------------------------------------------------
+# Defaults.
+
+DTYPES = ("float32", "bfloat16")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attn_out")
+TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc", "mixtral")
+SCORING_FUNCS = ("softmax", "sigmoid")
+MOE_DISPATCH = ("dropless", "capacity")
+MOE_MATMUL = ("auto", "padded_einsum", "ragged_dot", "dense_mask")
+ATTENTION_TYPES = ("gqa", "mla")
+SCHEDULES = ("cosine", "wsd", "constant", "linear")
+ROPE_TYPES = ("none", "yarn", "linear")
+
+
+def model_defaults() -> ConfigDict:
+  """A tiny dense Llama-style decoder; every MoE / MLA field present (off) so overrides work."""
+  m = ConfigDict()
+  m.model_type = "llama"
+  m.vocab_size = 512
+  m.hidden_size = 128
+  m.intermediate_size = 384
+  m.num_hidden_layers = 4
+  m.num_attention_heads = 4
+  m.num_key_value_heads = 2
+  m.head_dim = 0  # 0: hidden_size // num_attention_heads
+  m.max_position_embeddings = 2048
+  m.rope_theta = 10000.0
+  m.rms_norm_eps = 1e-6
+  m.tie_word_embeddings = False
+  m.attention_bias = False
+  m.initializer_range = 0.02
+  m.rope_scaling = ConfigDict(dict(
+      type="none", factor=1.0, original_max_position_embeddings=0, beta_fast=32.0,
+      beta_slow=1.0, mscale=1.0, mscale_all_dim=0.0))
+  # Attention: "gqa" (Llama/Mixtral) or "mla" (DeepSeek-V2/V3 multi-head latent attention).
+  m.attention_type = "gqa"
+  m.q_lora_rank = 0  # 0: no query compression (HF: null)
+  m.kv_lora_rank = 0
+  m.qk_nope_head_dim = 0
+  m.qk_rope_head_dim = 0
+  m.v_head_dim = 0
+  # Mixture of experts (n_routed_experts == 0: dense model).
+  m.n_routed_experts = 0
+  m.n_shared_experts = 0
+  m.num_experts_per_tok = 0
+  m.moe_intermediate_size = 0
+  m.first_k_dense_replace = 0
+  m.moe_layer_freq = 1
+  m.routed_scaling_factor = 1.0
+  m.norm_topk_prob = False
+  m.scoring_func = "softmax"
+  m.topk_method = "greedy"
+  m.n_group = 1
+  m.topk_group = 1
+  m.max_devices_per_token = 0  # DeepSeek-V2 device-limited routing M; 0: off
+  # Balance: V2 expert/device/communication losses, V3 sequence-wise loss, router z-loss.
+  m.aux_loss_alpha = 0.0
+  m.device_aux_loss_alpha = 0.0
+  m.comm_aux_loss_alpha = 0.0
+  m.seq_aux_loss_alpha = 0.0
+  m.router_z_loss_coef = 0.0
+  m.bias_update_speed = 0.0  # V3 aux-loss-free gamma; 0: no update
+  m.bias_update_stop_step = -1  # step after which gamma = 0; -1: never stops
+  # Dispatch.
+  m.moe_dispatch = "dropless"
+  m.capacity_factor = 1.25
+  m.eval_capacity_factor = 2.0
+  m.moe_matmul = "auto"
+  m.moe_block_size = 8
+  # DeepSeek-V3 multi-token prediction.
+  m.num_nextn_predict_layers = 0
+  m.mtp_loss_weight = 0.3
+  # Numerics and compilation.
+  m.dtype = "float32"  # compute dtype; parameters are always float32
+  m.scan_layers = True
+  m.remat = "none"
+  return m
+
+
+def base_config() -> ConfigDict:
+  """Every section with defaults; experiments edit a copy of this."""
+  c = ConfigDict()
+  c.task = "lm"
+  c.seed = 0
+  c.steps = 200
+  c.batch_size = 8
+  c.seq_len = 128
+  c.log_every = 10
+  c.eval_every = 100
+  c.eval_steps = 4
+  c.model = model_defaults()
+  c.optimizer = ConfigDict(dict(
+      name="adamw", learning_rate=3e-3, warmup_steps=20, schedule="cosine", decay_steps=0,
+      min_lr_ratio=0.1, wsd_decay_fraction=0.2, weight_decay=0.1, b1=0.9, b2=0.95, eps=1e-8,
+      grad_clip=1.0, accumulation_steps=1, z_loss=0.0, skip_nonfinite=True))
+  c.data = ConfigDict(dict(
+      source="pydoc", path="", text_key="text", tokenizer="byte", validation_fraction=0.1,
+      tfds_split="train", tfds_validation_split="test"))
+  c.mesh = ConfigDict(dict(data=-1, fsdp=1, expert=1, tensor=1))
+  c.checkpoint = ConfigDict(dict(every_steps=100, keep=3, async_save=False))
+  return c
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading and overrides.
+
+
+def load_config(spec: str, overrides: Sequence[str] = ()) -> ConfigDict:
+  """`spec` is `path/to/exp.py` or `path/to/exp.py:arg`; overrides are `model.hidden_size=64`."""
+  path, _, arg = spec.partition(":")
+  if not os.path.isfile(path):
+    raise ConfigError("file", f"no experiment file at {path!r}")
+  name = "ds_jax_experiment_" + os.path.splitext(os.path.basename(path))[0]
+  module_spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise ConfigError("file", f"{path} defines no get_config(arg=None)")
+  try:
+    cfg = module.get_config(arg or None)
+  except (ValueError, KeyError) as e:
+    raise ConfigError("file", f"{path}:{arg} rejected its argument: {e}") from None
+  cfg.lock()
+  for ov in overrides:
+    apply_override(cfg, ov)
+  return cfg
+
+
+def _parse_value(text: str, old: Any, field: str) -> Any:
+  if isinstance(old, bool):
+    low = text.lower()
+    if low in ("true", "1", "yes"):
+      return True
+    if low in ("false", "0", "no"):
+      return False
+    raise ConfigError(field, f"expected a bool (true/false), got {text!r}")
+  if isinstance(old, int):
+    try:
+      return int(text)
+    except ValueError:
+      raise ConfigError(field, f"expected an int, got {text!r}") from None
+  if isinstance(old, float):
+    try:
+      return float(text)
+    except ValueError:
+      raise ConfigError(field, f"expected a float, got {text!r}") from None
+  if isinstance(old, str):
+    return text
+  if isinstance(old, (tuple, list)) or old is None:
+    try:
+      value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      if old is None:
+        return text
+      raise ConfigError(field, f"expected a Python literal list/tuple, got {text!r}") from None
+    if isinstance(old, (tuple, list)) and not isinstance(value, (tuple, list)):
+      raise ConfigError(field, f"expected a list/tuple, got {text!r}")
+    return type(old)(value) if isinstance(old, (tuple, list)) else value
+  raise ConfigError(field, f"cannot override a field of type {type(old).__name__}")
+
+
+def apply_override(cfg: ConfigDict, override: str) -> None:
+  """Apply `a.b.c=value` to a locked config; unknown keys and wrong types raise ConfigError."""
+  key, sep, text = override.partition("=")
+  key = key.strip()
+  if key.startswith("config."):
+    key = key[len("config."):]
+  if not sep or not key:
+    raise ConfigError(key or "?", f"override must look like field=value, got {override!r}")
+  parts = key.split(".")
+  node = cfg
+  for i, p in enumerate(parts[:-1]):
+    if not isinstance(node, ConfigDict) or p not in node:
+      raise ConfigError(".".join(parts[:i + 1]), _unknown(node, p))
+    node = node[p]
+  leaf = parts[-1]
+  if not isinstance(node, ConfigDict) or leaf not in node:
+    raise ConfigError(key, _unknown(node, leaf))
+  old = node[leaf]
+  if isinstance(old, ConfigDict):
+    raise ConfigError(key, "is a section; override one of its fields: " + ", ".join(sorted(old)))
+  with node.unlocked():
+    node[leaf] = _parse_value(text, old, key)
+
+
+def _unknown(node: Any, name: str) -> str:
+  if isinstance(node, ConfigDict):
+    import difflib
+    close = difflib.get_close_matches(name, list(node.keys()), n=3)
+    hint = f" (did you mean {', '.join(close)}?)" if close else ""
+    return f"unknown key {name!r}{hint}"
+  return f"unknown key {name!r}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Frozen model config.
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+  type: str = "none"
+  factor: float = 1.0
+  original_max_position_embeddings: int = 0
+  beta_fast: float = 32.0
+  beta_slow: float = 1.0
+  mscale: float = 1.0
+  mscale_all_dim: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Frozen model hyper-parameters (Hugging Face names). See `model_defaults()` for meanings."""
+  model_type: str = "llama"
+  vocab_size: int = 512
+  hidden_size: int = 128
+  intermediate_size: int = 384
+  num_hidden_layers: int = 4
+  num_attention_heads: int = 4
+  num_key_value_heads: int = 2
+  head_dim: int = 0
+  max_position_embeddings: int = 2048
+  rope_theta: float = 10000.0
+  rms_norm_eps: float = 1e-6
+  tie_word_embeddings: bool = False
+  attention_bias: bool = False
+  initializer_range: float = 0.02
+  rope_scaling: RopeScaling = RopeScaling()
+  attention_type: str = "gqa"
+  q_lora_rank: int = 0
+  kv_lora_rank: int = 0
+  qk_nope_head_dim: int = 0
+  qk_rope_head_dim: int = 0
+  v_head_dim: int = 0
+  n_routed_experts: int = 0
+  n_shared_experts: int = 0
+  num_experts_per_tok: int = 0
+  moe_intermediate_size: int = 0
+  first_k_dense_replace: int = 0
+  moe_layer_freq: int = 1
+  routed_scaling_factor: float = 1.0
+  norm_topk_prob: bool = False
+  scoring_func: str = "softmax"
+  topk_method: str = "greedy"
+  n_group: int = 1
+  topk_group: int = 1
+  max_devices_per_token: int = 0
+  aux_loss_alpha: float = 0.0
+  device_aux_loss_alpha: float = 0.0
+  comm_aux_loss_alpha: float = 0.0
+  seq_aux_loss_alpha: float = 0.0
+  router_z_loss_coef: float = 0.0
+  bias_update_speed: float = 0.0
+  bias_update_stop_step: int = -1
+  moe_dispatch: str = "dropless"
+  capacity_factor: float = 1.25
+  eval_capacity_factor: float = 2.0
+  moe_matmul: str = "auto"
+  moe_block_size: int = 8
+  num_nextn_predict_layers: int = 0
+  mtp_loss_weight: float = 0.3
+  dtype: str = "float32"
+  scan_layers: bool = True
+  remat: str = "none"
+
+  # Derived quantities used across the code base.
+  @property
+  def is_moe(self) -> bool:
+    return self.n_routed_experts > 0
+
+  @property
+  def head_size(self) -> int:
+    return self.head_dim or self.hidden_size // self.num_attention_heads
+
+  def is_moe_layer(self, i: int) -> bool:
+    """HF DeepSeek rule: MoE at layer i if i >= first_k_dense_replace and i % freq == 0."""
+    return (self.is_moe and i >= self.first_k_dense_replace and i % self.moe_layer_freq == 0)
+
+  @property
+  def num_dense_layers(self) -> int:
+    return sum(not self.is_moe_layer(i) for i in range(self.num_hidden_layers))
+
+  def replace(self, **kw: Any) -> "ModelConfig":
+    return dataclasses.replace(self, **kw)
+
+  def to_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, d: dict) -> "ModelConfig":
+    d = dict(d)
+    rs = d.pop("rope_scaling", None) or {}
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+      raise ConfigError("model." + unknown[0], "unknown model field")
+    return cls(rope_scaling=RopeScaling(**dict(rs)), **d)
+
+
+def model_config(cfg: ConfigDict | dict) -> ModelConfig:
+  """Freeze `config.model` (a ConfigDict or dict) into a validated ModelConfig."""
+  d = cfg.to_dict() if isinstance(cfg, ConfigDict) else dict(cfg)
+  mc = ModelConfig.from_dict(d)
+  validate_model(mc)
+  return mc
+
+
+def _choice(field: str, value: Any, allowed: Sequence[Any]) -> None:
+  if value not in allowed:
+    raise ConfigError(field, f"must be one of {', '.join(map(str, allowed))}; got {value!r}")
+
+
+def _positive(field: str, value: float, allow_zero: bool = False) -> None:
+  if value < 0 or (value == 0 and not allow_zero):
+    raise ConfigError(field, f"must be {'>= 0' if allow_zero else '> 0'}; got {value!r}")
+
+
+def validate_model(m: ModelConfig) -> None:
+  """Consistency checks of a ModelConfig; raises ConfigError naming the field."""
+  for f in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "max_position_embeddings"):
+    _positive("model." + f, getattr(m, f))
+  _choice("model.dtype", m.dtype, DTYPES)
+  _choice("model.remat", m.remat, REMAT_POLICIES)
+  _choice("model.attention_type", m.attention_type, ATTENTION_TYPES)
+  _choice("model.rope_scaling.type", m.rope_scaling.type, ROPE_TYPES)
+  _positive("model.rope_theta", m.rope_theta)
+  _positive("model.rms_norm_eps", m.rms_norm_eps)
+  if m.attention_type == "gqa":
+    if not m.head_dim and m.hidden_size % m.num_attention_heads:
+      raise ConfigError("model.hidden_size", f"must be divisible by num_attention_heads "
+                        f"({m.num_attention_heads}); got {m.hidden_size}")
+    if m.num_attention_heads % m.num_key_value_heads:
+      raise ConfigError("model.num_key_value_heads", f"must divide num_attention_heads "
+                        f"({m.num_attention_heads}); got {m.num_key_value_heads}")
+    if m.head_size % 2:
+      raise ConfigError("model.head_dim", f"must be even for RoPE; got {m.head_size}")
+  else:
+    for f in ("kv_lora_rank", "qk_rope_head_dim", "v_head_dim"):
+      _positive("model." + f, getattr(m, f))
+    _positive("model.qk_nope_head_dim", m.qk_nope_head_dim, allow_zero=True)
+    _positive("model.q_lora_rank", m.q_lora_rank, allow_zero=True)
+    if m.qk_rope_head_dim % 2:
+      raise ConfigError("model.qk_rope_head_dim", f"must be even; got {m.qk_rope_head_dim}")
+  if m.rope_scaling.type != "none":
+    _positive("model.rope_scaling.factor", m.rope_scaling.factor)
+    if m.rope_scaling.type == "yarn":
+      _positive("model.rope_scaling.original_max_position_embeddings",
+                m.rope_scaling.original_max_position_embeddings)
+  if m.intermediate_size <= 0 and m.num_dense_layers > 0:
+    raise ConfigError("model.intermediate_size", "must be > 0 when the model has dense layers")
+  if m.is_moe:
+    _choice("model.topk_method", m.topk_method, TOPK_METHODS)
+    _choice("model.scoring_func", m.scoring_func, SCORING_FUNCS)
+    _choice("model.moe_dispatch", m.moe_dispatch, MOE_DISPATCH)
+    _choice("model.moe_matmul", m.moe_matmul, MOE_MATMUL)
+    _positive("model.moe_intermediate_size", m.moe_intermediate_size)
+    _positive("model.moe_layer_freq", m.moe_layer_freq)
+    if not 1 <= m.num_experts_per_tok <= m.n_routed_experts:
+      raise ConfigError("model.num_experts_per_tok", f"must be in [1, n_routed_experts="
+                        f"{m.n_routed_experts}]; got {m.num_experts_per_tok}")
+    if m.n_group < 1 or m.n_routed_experts % m.n_group:
+      raise ConfigError("model.n_group", f"must divide n_routed_experts ({m.n_routed_experts});"
+                        f" got {m.n_group}")
+    if not 1 <= m.topk_group <= m.n_group:
+      raise ConfigError("model.topk_group", f"must be in [1, n_group={m.n_group}]; "
+                        f"got {m.topk_group}")
+    if m.topk_method == "noaux_tc":
+      if m.scoring_func != "sigmoid":
+        raise ConfigError("model.scoring_func", "noaux_tc routing needs scoring_func='sigmoid'")
+      if m.n_routed_experts // m.n_group < 2:
+        raise ConfigError("model.n_group", "noaux_tc scores groups by their top-2 experts, so "
+                          "each group needs >= 2 experts")
+    if m.topk_method in ("group_limited_greedy", "noaux_tc"):
+      per_group = m.n_routed_experts // m.n_group
+      if m.topk_group * per_group < m.num_experts_per_tok:
+        raise ConfigError("model.topk_group", f"topk_group * experts per group ({per_group}) "
+                          f"must be >= num_experts_per_tok ({m.num_experts_per_tok})")
+    if m.moe_dispatch == "capacity":
+      _positive("model.capacity_factor", m.capacity_factor)
+      _positive("model.eval_capacity_factor", m.eval_capacity_factor)
+    _positive("model.moe_block_size", m.moe_block_size)
+    for f in ("aux_loss_alpha", "device_aux_loss_alpha", "comm_aux_loss_alpha",
+              "seq_aux_loss_alpha", "router_z_loss_coef", "bias_update_speed"):
+      _positive("model." + f, getattr(m, f), allow_zero=True)
+  if m.num_nextn_predict_layers < 0:
+    raise ConfigError("model.num_nextn_predict_layers", "must be >= 0")
+
+
+# ----------------------------------------------------------------------------------------------
+# Whole-config validation.
+
+
+def mesh_shape(cfg: ConfigDict, n_devices: int) -> dict[str, int]:
+  """Resolve the mesh sizes (one -1 entry takes the remaining devices) and check the product."""
+  names = ("data", "fsdp", "expert", "tensor")
+  sizes = {n: int(cfg.mesh[n]) for n in names}
+  free = [n for n in names if sizes[n] == -1]
+  for n in names:
+    if sizes[n] == 0 or sizes[n] < -1:
+      raise ConfigError(f"mesh.{n}", f"must be a positive size or -1; got {sizes[n]}")
+  if len(free) > 1:
+    raise ConfigError(f"mesh.{free[1]}", "at most one mesh axis may be -1")
+  fixed = 1
+  for n in names:
+    if sizes[n] != -1:
+      fixed *= sizes[n]
+  if free:
+    if n_devices % fixed:
+      raise ConfigError(f"mesh.{free[0]}", f"the other axes multiply to {fixed}, which does not "
+                        f"divide the {n_devices} devices")
+    sizes[free[0]] = n_devices // fixed
+  total = 1
+  for n in names:
+    total *= sizes[n]
+  if total != n_devices:
+    raise ConfigError("mesh", f"data*fsdp*expert*tensor = {total} must equal the device count "
+                      f"{n_devices} ({sizes})")
+  return sizes
+
+
+def validate(cfg: ConfigDict, n_devices: int) -> ModelConfig:
+  """Check the whole config for a run on `n_devices`; returns the frozen ModelConfig."""
+  m = model_config(cfg.model)
+  for f in ("steps", "batch_size", "seq_len", "log_every"):
+    _positive(f, cfg[f])
+  o = cfg.optimizer
+  _positive("optimizer.learning_rate", o.learning_rate)
+  _positive("optimizer.warmup_steps", o.warmup_steps, allow_zero=True)
+  _positive("optimizer.weight_decay", o.weight_decay, allow_zero=True)
+  _positive("optimizer.grad_clip", o.grad_clip, allow_zero=True)
+  _positive("optimizer.accumulation_steps", o.accumulation_steps)
+  _choice("optimizer.schedule", o.schedule, SCHEDULES)
+  _choice("optimizer.name", o.name, ("adamw", "adam", "sgd", "lion"))
+  if not 0 <= o.min_lr_ratio <= 1:
+    raise ConfigError("optimizer.min_lr_ratio", f"must be in [0, 1]; got {o.min_lr_ratio}")
+  if cfg.batch_size % o.accumulation_steps:
+    raise ConfigError("optimizer.accumulation_steps", f"must divide batch_size "
+                      f"({cfg.batch_size}); got {o.accumulation_steps}")
+  sizes = mesh_shape(cfg, n_devices)
+  shards = sizes["data"] * sizes["fsdp"] * sizes["expert"]
+  micro = cfg.batch_size // o.accumulation_steps
+  if micro % shards:
+    raise ConfigError("batch_size", f"each micro-batch ({micro}) must be divisible by "
+                      f"data*fsdp*expert = {shards}")
+  if m.is_moe and m.n_routed_experts % sizes["expert"]:
+    raise ConfigError("model.n_routed_experts", f"must be divisible by mesh.expert "
+                      f"({sizes['expert']}); got {m.n_routed_experts}")
+  if m.max_devices_per_token and not 1 <= m.max_devices_per_token <= sizes["expert"]:
+    raise ConfigError("model.max_devices_per_token", f"must be in [1, mesh.expert="
+                      f"{sizes['expert']}]; got {m.max_devices_per_token}")
+  heads = m.num_attention_heads
+  if heads % sizes["tensor"]:
+    raise ConfigError("mesh.tensor", f"must divide num_attention_heads ({heads}); "
+                      f"got {sizes['tensor']}")
+  if cfg.seq_len > m.max_position_embeddings and m.rope_scaling.type == "none":
+    raise ConfigError("seq_len", f"{cfg.seq_len} exceeds model.max_position_embeddings "
+                      f"({m.max_position_embeddings}) and no rope_scaling is set")
+  if cfg.get("task", "lm") == "lm":
+    _choice("data.tokenizer", cfg.data.tokenizer, ("byte", "hf"))
+    _choice("data.source", cfg.data.source.split(":")[0], ("pydoc", "files", "tfds"))
+    if cfg.data.tokenizer == "byte" and m.vocab_size < 259:
+      raise ConfigError("model.vocab_size", f"the byte tokenizer needs >= 259 ids; got "
+                        f"{m.vocab_size}")
+    if cfg.data.source == "files":
+      import glob
+      if not cfg.data.path or not glob.glob(os.path.expanduser(cfg.data.path), recursive=True):
+        raise ConfigError("data.path", f"no files match {cfg.data.path!r}")
+  _positive("checkpoint.keep", cfg.checkpoint.keep)
+  _positive("checkpoint.every_steps", cfg.checkpoint.every_steps)
+  return m
+
+
+def to_json_dict(cfg: ConfigDict) -> dict:
+  return cfg.to_dict()
+
+
+def from_json_dict(d: dict) -> ConfigDict:
+  cfg = ConfigDict(d)
+  cfg.lock()
+  return cfg
+
+
+def optional(v: int) -> Optional[int]:
+  """HF uses null where ds_jax uses 0 (e.g. q_lora_rank)."""
+  return v or None
