@@ -119,14 +119,16 @@ def base_config() -> ConfigDict:
   c.log_every = 10
   c.eval_every = 100
   c.eval_steps = 4
+  c.peak_flops = 0.0  # per-device peak for MFU; 0: measure an f32 matmul at start-up
   c.model = model_defaults()
   c.optimizer = ConfigDict(dict(
       name="adamw", learning_rate=3e-3, warmup_steps=20, schedule="cosine", decay_steps=0,
       min_lr_ratio=0.1, wsd_decay_fraction=0.2, weight_decay=0.1, b1=0.9, b2=0.95, eps=1e-8,
       grad_clip=1.0, accumulation_steps=1, z_loss=0.0, skip_nonfinite=True))
   c.data = ConfigDict(dict(
-      source="pydoc", path="", text_key="text", tokenizer="byte", validation_fraction=0.1,
-      tfds_split="train", tfds_validation_split="test"))
+      source="pydoc", path="", text_key="text", tokenizer="byte", tokenizer_path="",
+      validation_fraction=0.1, include="", exclude="", tfds_split="train",
+      tfds_validation_split="test"))
   c.mesh = ConfigDict(dict(data=-1, fsdp=1, expert=1, tensor=1))
   c.checkpoint = ConfigDict(dict(every_steps=100, keep=3, async_save=False))
   return c

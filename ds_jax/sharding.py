@@ -1,0 +1,99 @@
+"""Device mesh, the logical-axis rule table, sharded initialisation, and multi-host start-up.
+
+Model code names logical axes ("embed", "mlp", "heads", "expert", "vocab", ...); `RULES` maps them
+to the mesh axes ("data", "fsdp", "expert", "tensor"). A rule whose mesh axis is already used
+in the same array spec is skipped (flax semantics), so activations `("batch", "length", "embed")`
+keep "embed" replicated while parameters shard "embed" over "fsdp".
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
+BATCH_AXES = ("data", "fsdp", "expert")
+
+RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", BATCH_AXES),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("vocab", "tensor"),
+    ("expert", "expert"),
+)
+
+
+def make_mesh(sizes: dict[str, int], devices: Optional[list] = None) -> Mesh:
+  """A mesh with axes MESH_AXES (Auto axis types: the compiler propagates shardings)."""
+  shape = tuple(int(sizes[a]) for a in MESH_AXES)
+  devices = devices if devices is not None else jax.devices()
+  if int(np.prod(shape)) != len(devices):
+    raise ValueError(f"mesh {dict(zip(MESH_AXES, shape))} needs {int(np.prod(shape))} devices, "
+                     f"have {len(devices)}")
+  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(shape),
+                       devices=devices)
+
+
+def logical_spec(names: tuple[Optional[str], ...]) -> P:
+  return nn.logical_to_mesh_axes(names, RULES)
+
+
+def param_shardings(boxed_params: Any, mesh: Mesh) -> Any:
+  """NamedShardings for a tree of nn.Partitioned boxes (from `jax.eval_shape(init)`)."""
+  specs = nn.get_partition_spec(boxed_params)
+  return nn.logical_to_mesh_sharding(specs, mesh, RULES)
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+  """Leading axis over (data, fsdp, expert); the rest replicated."""
+  return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+  """Place a host-global numpy batch on the mesh, each process contributing its own rows.
+
+  On one process this is a plain device_put; with several processes every process passes the
+  *global* batch (the data iterator is a pure function of (seed, step)) and only the rows its
+  devices own are copied.
+  """
+  out = {}
+  for k, v in batch.items():
+    sharding = batch_sharding(mesh, v.ndim)
+    if jax.process_count() == 1:
+      out[k] = jax.device_put(v, sharding)
+    else:
+      out[k] = jax.make_array_from_callback(v.shape, sharding, lambda idx, v=v: v[idx])
+  return out
+
+
+def initialize() -> None:
+  """Start JAX's multi-controller runtime when the environment describes several processes.
+
+  Reads DS_JAX_COORDINATOR (host:port), DS_JAX_NUM_PROCESSES and DS_JAX_PROCESS_ID; otherwise,
+  on Cloud TPU or under SLURM, `jax.distributed.initialize()` detects everything itself. A
+  single process without those variables is left alone.
+  """
+  if jax.distributed.is_initialized() if hasattr(jax.distributed, "is_initialized") else False:
+    return
+  coord = os.environ.get("DS_JAX_COORDINATOR")
+  if coord:
+    jax.distributed.initialize(
+        coordinator_address=coord,
+        num_processes=int(os.environ["DS_JAX_NUM_PROCESSES"]),
+        process_id=int(os.environ["DS_JAX_PROCESS_ID"]),
+        local_device_ids=None)
+  elif "SLURM_JOB_ID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+    jax.distributed.initialize()
+  elif os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0:
+    jax.distributed.initialize()
