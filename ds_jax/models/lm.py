@@ -131,13 +131,15 @@ class Transformer(nn.Module):
 
   @nn.compact
   def __call__(self, tokens_BxL: jax.Array, positions_BxL: Optional[jax.Array] = None,
-               deterministic: bool = True) -> tuple[jax.Array, dict]:
+               deterministic: bool = True, inputs_embeds_BxLxD: Optional[jax.Array] = None
+               ) -> tuple[jax.Array, dict]:
+    """Logits [B, L, V] (float32) and aux; `inputs_embeds_BxLxD` replaces the token lookup."""
     c = self.cfg
     dtype = jnp.dtype(c.dtype)
     if positions_BxL is None:
       positions_BxL = jnp.broadcast_to(jnp.arange(tokens_BxL.shape[1]), tokens_BxL.shape)
     embed = Embed(c.vocab_size, c.hidden_size, dtype, c.initializer_range, name="embed_tokens")
-    x_BxLxD = embed(tokens_BxL)
+    x_BxLxD = embed(tokens_BxL) if inputs_embeds_BxLxD is None else inputs_embeds_BxLxD
     x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("batch", "length", "embed"))
     h_BxLxD, stats = self.body(x_BxLxD, positions_BxL, deterministic)
     normed = RMSNorm(c.rms_norm_eps, dtype, name="norm")(h_BxLxD)
