@@ -1,0 +1,163 @@
+"""Expert computation on one device: token-slots in, per-slot expert outputs back.
+
+A *slot* is one (token, chosen expert) pair; N = T * K slots, ordered choice-major (all first
+choices, then all second choices, ...) so that under a capacity limit first choices win (GShard).
+Letters: N slots, E experts, D model width, F expert width, R padded rows, C capacity, b block.
+
+Grouped-matmul strategies (`moe_matmul`):
+- padded_einsum: sort slots by expert and pad each expert's run to a multiple of the block size b.
+  Rows R <= N + E (b - 1) is a static bound, so the layout is dropless; blocks of b rows share
+  one expert whose weights are gathered per block: one batched einsum [R/b, b, D] x [R/b, D, F].
+  Under a capacity limit it is the GShard layout [E, C, D] x [E, D, F] (no weight gather).
+- ragged_dot: `jax.lax.ragged_dot` on the expert-sorted rows (fast on GPU/TPU, slow on CPU).
+- dense_mask: every expert computes every slot, then a one-hot mask picks (the test reference).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from ds_jax.nn.linear import einsum
+
+Array = jax.Array
+
+
+class ExpertKernels(NamedTuple):
+  """Stacked routed-expert weights (arrays or kernel objects with an `.einsum`)."""
+  gate_proj: Any  # [E, D, F]
+  up_proj: Any  # [E, D, F]
+  down_proj: Any  # [E, F, D]
+
+
+def resolve_matmul(strategy: str) -> str:
+  """'auto' -> padded_einsum on CPU, ragged_dot on GPU/TPU."""
+  if strategy != "auto":
+    return strategy
+  return "padded_einsum" if jax.default_backend() == "cpu" else "ragged_dot"
+
+
+def capacity(n_slots: int, n_experts: int, factor: float) -> int:
+  """GShard expert capacity ceil(factor * k * T / E) for N = k * T slots (at least 1)."""
+  return max(1, int(math.ceil(factor * n_slots / n_experts)))
+
+
+def take_experts(kernel: Any, idx: Array) -> Any:
+  """Gather experts along the leading axis of every leaf (arrays and kernel pytrees alike)."""
+  return jax.tree.map(lambda a: jnp.take(a, idx, axis=0), kernel)
+
+
+def swiglu(x: Array, k: ExpertKernels, eq_in: str, eq_out: str, dtype: Any) -> Array:
+  """down(silu(gate(x)) * up(x)) with the given batched einsum equations."""
+  g = einsum(eq_in, x, k.gate_proj, dtype=dtype)
+  u = einsum(eq_in, x, k.up_proj, dtype=dtype)
+  return einsum(eq_out, nn.silu(g) * u, k.down_proj, dtype=dtype)
+
+
+def sort_slots(e_N: Array, valid_N: Array, n_experts: int) -> tuple[Array, Array, Array]:
+  """(order: slots sorted by expert, invalid last; rank of each slot within its expert; counts)."""
+  n = e_N.shape[0]
+  key_N = jnp.where(valid_N, e_N, n_experts)
+  order_N = jnp.argsort(key_N, stable=True)
+  counts_E = jnp.bincount(key_N, length=n_experts + 1)[:n_experts]
+  start_E = jnp.cumsum(counts_E) - counts_E
+  sorted_key = key_N[order_N]
+  rank_sorted = jnp.arange(n) - jnp.take(start_E, jnp.minimum(sorted_key, n_experts - 1))
+  rank_N = jnp.zeros((n,), jnp.int32).at[order_N].set(rank_sorted.astype(jnp.int32))
+  return order_N, rank_N, counts_E
+
+
+def _rows_from_slots(x_NxD: Array, row_N: Array, n_rows: int) -> Array:
+  """x placed at the given rows (row >= n_rows: not placed); empty rows are zero."""
+  n = x_NxD.shape[0]
+  src_R = jnp.full((n_rows,), n, jnp.int32).at[row_N].set(jnp.arange(n, dtype=jnp.int32),
+                                                          mode="drop")
+  x_pad = jnp.concatenate([x_NxD, jnp.zeros((1, x_NxD.shape[1]), x_NxD.dtype)])
+  return jnp.take(x_pad, src_R, axis=0)
+
+
+def _slots_from_rows(o_RxD: Array, row_N: Array) -> Array:
+  o_pad = jnp.concatenate([o_RxD, jnp.zeros((1, o_RxD.shape[1]), o_RxD.dtype)])
+  return jnp.take(o_pad, jnp.minimum(row_N, o_RxD.shape[0]), axis=0)
+
+
+def capacity_rows(x_ExCxD: Array, k: ExpertKernels, dtype: Any) -> Array:
+  """The GShard batched expert matmul on an [E, C, D] layout."""
+  return swiglu(x_ExCxD, k, "ecd,edf->ecf", "ecf,efd->ecd", dtype)
+
+
+def expert_rows(x_NxD: Array, e_N: Array, valid_N: Array, k: ExpertKernels, strategy: str,
+                block: int, dtype: Any, cap: Optional[int] = None) -> tuple[Array, Array]:
+  """(FFN_{e_n}(x_n) for every kept slot n, zero elsewhere, unweighted; kept mask [N]).
+
+  With `cap`, slots ranked >= cap within their expert are dropped (not kept) first.
+  """
+  n, d = x_NxD.shape
+  n_exp = jax.tree.leaves(k.gate_proj)[0].shape[0]
+  order_N, rank_N, counts_E = sort_slots(e_N, valid_N, n_exp)
+  if cap is not None:
+    valid_N = valid_N & (rank_N < cap)
+    counts_E = jnp.minimum(counts_E, cap)
+  strategy = resolve_matmul(strategy)
+  if strategy == "ragged_dot" and any(hasattr(a, "einsum") for a in k):
+    strategy = "padded_einsum"  # kernel objects only promise an einsum
+  if strategy == "dense_mask":
+    y_ExNxD = swiglu(x_NxD, k, "nd,edf->enf", "enf,efd->end", dtype)
+    mask_NxE = jax.nn.one_hot(e_N, n_exp, dtype=y_ExNxD.dtype) * valid_N[:, None]
+    return jnp.einsum("end,ne->nd", y_ExNxD, mask_NxE), valid_N
+  if strategy == "padded_einsum" and cap is not None:
+    rows = jnp.where(valid_N, e_N * cap + rank_N, n_exp * cap)
+    x_ExCxD = _rows_from_slots(x_NxD, rows, n_exp * cap).reshape(n_exp, cap, d)
+    o_RxD = capacity_rows(x_ExCxD, k, dtype).reshape(n_exp * cap, d)
+    return _slots_from_rows(o_RxD, rows), valid_N
+  if strategy == "ragged_dot":
+    valid_sorted = valid_N[order_N]
+    xs_NxD = jnp.where(valid_sorted[:, None], x_NxD[order_N], 0).astype(dtype)
+    def rd(a, w):
+      return jax.lax.ragged_dot(a, jnp.asarray(w).astype(dtype), counts_E.astype(jnp.int32))
+    h = nn.silu(rd(xs_NxD, k.gate_proj)) * rd(xs_NxD, k.up_proj)
+    ys_NxD = rd(h, k.down_proj) * valid_sorted[:, None]
+    return jnp.zeros_like(ys_NxD).at[order_N].set(ys_NxD), valid_N
+  if strategy != "padded_einsum":
+    raise ValueError(f"unknown moe_matmul {strategy!r}")
+  # Block-sparse dropless layout: each expert's run padded to a multiple of `block` rows.
+  b = block
+  n_rows = -(-(n + min(n_exp, n) * (b - 1)) // b) * b
+  padded_E = -(-counts_E // b) * b
+  pend_E = jnp.cumsum(padded_E)
+  pstart_E = pend_E - padded_E
+  rows = jnp.where(valid_N, jnp.take(pstart_E, jnp.minimum(e_N, n_exp - 1)) + rank_N, n_rows)
+  n_blocks = n_rows // b
+  block_e = jnp.searchsorted(pend_E, jnp.arange(n_blocks) * b, side="right")
+  block_e = jnp.minimum(block_e, n_exp - 1)  # trailing empty blocks: any expert, zero rows
+  kb = ExpertKernels(*(take_experts(w, block_e) for w in k))
+  x_BxbxD = _rows_from_slots(x_NxD, rows, n_rows).reshape(n_blocks, b, d)
+  o_RxD = swiglu(x_BxbxD, kb, "nbd,ndf->nbf", "nbf,nfd->nbd", dtype).reshape(n_rows, d)
+  return _slots_from_rows(o_RxD, rows), valid_N
+
+
+def local_moe(x_TxD: Array, idx_TxK: Array, w_TxK: Array, valid_T: Array, k: ExpertKernels,
+              strategy: str, block: int, dtype: Any,
+              cap_factor: Optional[float] = None) -> tuple[Array, Array]:
+  """Routed-expert output sum_k w_k FFN_{e_k}(x) on one device; returns (y_TxD, dropped slots)."""
+  t, d = x_TxD.shape
+  kk = idx_TxK.shape[1]
+  n_exp = jax.tree.leaves(k.gate_proj)[0].shape[0]
+  e_N = idx_TxK.T.reshape(-1)  # choice-major slot order
+  valid_N = jnp.tile(valid_T, kk)
+  cap = None if cap_factor is None else capacity(t * kk, n_exp, cap_factor)
+  if resolve_matmul(strategy) == "dense_mask" and cap is None:
+    # Token-level reference: every expert on every token, combined with a [T, E] weight matrix.
+    comb_TxE = jnp.zeros((t, n_exp), w_TxK.dtype).at[jnp.arange(t)[:, None], idx_TxK].add(
+        w_TxK * valid_T[:, None])
+    y_ExTxD = swiglu(x_TxD, k, "td,edf->etf", "etf,efd->etd", dtype)
+    return jnp.einsum("etd,te->td", y_ExTxD, comb_TxE.astype(y_ExTxD.dtype)), jnp.int32(0)
+  x_NxD = jnp.tile(x_TxD, (kk, 1))
+  o_NxD, kept_N = expert_rows(x_NxD, e_N, valid_N, k, strategy, block, dtype, cap)
+  w_N = w_TxK.T.reshape(-1).astype(o_NxD.dtype)
+  y_TxD = (o_NxD * w_N[:, None]).reshape(kk, t, d).sum(0)
+  return y_TxD, jnp.sum(valid_N & ~kept_N).astype(jnp.int32)
