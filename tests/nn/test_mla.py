@@ -262,14 +262,70 @@ def test_absorbed_attention_over_cache_equals_naive(q_lora_rank):
   full = absorbed(params, x, pos, ckv, kpe, pos)
   np.testing.assert_allclose(np.asarray(full), np.asarray(naive), rtol=1e-4, atol=1e-5)
 
-  # Decoding: a 10-slot cache holding the first 5 tokens (rest garbage, marked invalid), then the
-  # last 2 tokens attend over cache + themselves; equals the naive output at those positions.
+  # Decoding: a 10-slot cache holding the 7 tokens' entries (the last 2 just written; the other 3
+  # slots garbage at position 0, so only the validity mask hides them). The last 2 tokens attend
+  # over it and equal the naive output at their positions.
   slots = 10
   cache_c = jnp.asarray(np.random.default_rng(0).normal(size=(2, slots, cfg.kv_lora_rank)))
   cache_p = jnp.asarray(np.random.default_rng(1).normal(size=(2, slots, cfg.qk_rope_head_dim)))
   cache_c, cache_p = cache_c.at[:, :7].set(ckv), cache_p.at[:, :7].set(kpe)
-  kpos = jnp.concatenate([jnp.asarray(pos), jnp.full((2, slots - 7), 10 ** 6)], axis=1)
+  kpos = jnp.concatenate([jnp.asarray(pos), jnp.zeros((2, slots - 7), jnp.int32)], axis=1)
   valid = jnp.arange(slots)[None].repeat(2, 0) < 7
   step = absorbed(params, x[:, 5:], pos[:, 5:], cache_c, cache_p, kpos, valid)
   np.testing.assert_allclose(np.asarray(step), np.asarray(naive[:, 5:]), rtol=1e-4, atol=1e-5)
 
+
+
+# ------------------------------------------------------------------------------------------------
+# transformers' PyTorch DeepseekV2Attention (complex rotation of interleaved pairs) and
+# DeepseekV3Attention (rope_interleave=True), weights converted with the permutation helpers.
+
+
+@pytest.mark.slow  # importing torch + transformers costs ~10 s here
+@pytest.mark.parametrize("family,q_lora_rank", [("v2", 0), ("v3", 16), ("v3", 0)])
+def test_transformers_parity(family, q_lora_rank):
+  torch = pytest.importorskip("torch")
+  import transformers
+  cfg = tiny_cfg(q_lora_rank, bias=True)
+  s = cfg.rope_scaling
+  kw = dict(hidden_size=cfg.hidden_size, num_attention_heads=cfg.num_attention_heads,
+            num_key_value_heads=cfg.num_attention_heads, q_lora_rank=q_lora_rank or None,
+            kv_lora_rank=cfg.kv_lora_rank, qk_nope_head_dim=cfg.qk_nope_head_dim,
+            qk_rope_head_dim=cfg.qk_rope_head_dim, v_head_dim=cfg.v_head_dim,
+            attention_bias=True, num_hidden_layers=1, vocab_size=16,
+            max_position_embeddings=s.original_max_position_embeddings * int(s.factor),
+            rope_scaling={"type": "yarn", "rope_theta": cfg.rope_theta, "factor": s.factor,
+                          "original_max_position_embeddings": s.original_max_position_embeddings,
+                          "beta_fast": s.beta_fast, "beta_slow": s.beta_slow,
+                          "mscale": s.mscale, "mscale_all_dim": s.mscale_all_dim})
+  if family == "v2":
+    from transformers.models.deepseek_v2 import modeling_deepseek_v2 as m
+    hcfg = transformers.DeepseekV2Config(**kw)
+    attn_cls, rope_cls = m.DeepseekV2Attention, m.DeepseekV2RotaryEmbedding
+  else:
+    from transformers.models.deepseek_v3 import modeling_deepseek_v3 as m
+    hcfg = transformers.DeepseekV3Config(rope_interleave=True, **kw)
+    attn_cls, rope_cls = m.DeepseekV3Attention, m.DeepseekV3RotaryEmbedding
+  hcfg._attn_implementation = "eager"
+  torch.manual_seed(0)
+  attn = attn_cls(hcfg, layer_idx=0).double().eval()
+  with torch.no_grad():
+    for prm in attn.parameters():
+      prm.copy_(torch.randn_like(prm) * 0.3 + (1.0 if prm.ndim == 1 else 0.0))
+  x, pos = inputs(cfg, seed=9)
+  xt, post = torch.tensor(x, dtype=torch.float64), torch.tensor(pos, dtype=torch.long)
+  mask = torch.where(post[:, None, None, :] <= post[:, None, :, None], 0.0, float("-inf"))
+  with torch.no_grad():
+    pe = rope_cls(hcfg)(xt, post)
+    ref = attn(xt, position_embeddings=pe, attention_mask=mask.double())[0].numpy()
+  w = {k: v.detach().numpy() for k, v in attn.state_dict().items()}
+  p = {"kv_a": w["kv_a_proj_with_mqa.weight"].T, "kv_a_bias": w["kv_a_proj_with_mqa.bias"],
+       "kv_a_norm": w["kv_a_layernorm.weight"], "kv_b": w["kv_b_proj.weight"].T,
+       "o": w["o_proj.weight"].T, "o_bias": w["o_proj.bias"]}
+  if q_lora_rank:
+    p.update(q_a=w["q_a_proj.weight"].T, q_a_bias=w["q_a_proj.bias"],
+             q_a_norm=w["q_a_layernorm.weight"], q_b=w["q_b_proj.weight"].T)
+  else:
+    p["q"] = w["q_proj.weight"].T
+  y = jax.jit(MLAttention(cfg).apply)({"params": convert_hf(p, cfg)}, x, pos)
+  np.testing.assert_allclose(np.asarray(y), ref, rtol=2e-4, atol=2e-4)
