@@ -200,3 +200,23 @@ def test_cli_prints_and_overrides(capsys):
   assert d["flops"]["forward"] > 0
   with pytest.raises(SystemExit):
     analysis.cli(["--config", BENCH, "--bogus"])
+
+
+def test_seed_table_script(tmp_path):
+  """The comparison script runs, rewrites only its marked block, and counts Falcon exactly."""
+  import importlib.util
+  path = os.path.join(os.path.dirname(__file__), "..", "scripts", "seed_table.py")
+  spec = importlib.util.spec_from_file_location("seed_table", path)
+  st = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(st)
+  doc = tmp_path / "doc.md"
+  doc.write_text(f"intro\n{st.START}\nold\n{st.END}\noutro\n")
+  assert st.main(["--write", str(doc)]) == 0
+  text = doc.read_text()
+  assert text.startswith("intro\n") and text.endswith("outro\n") and "old" not in text
+  assert "| DeepSeek-V2 | 235.7B | 20.9B |" in text
+  st.main(["--write", str(doc)])
+  assert doc.read_text() == text  # idempotent
+  falcon = ModelConfig(vocab_size=65024, hidden_size=14848, num_hidden_layers=80,
+                       num_attention_heads=232, num_key_value_heads=8, head_dim=64)
+  assert st.falcon_exact_params(falcon) == 178_557_088_768
