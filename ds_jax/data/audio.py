@@ -129,3 +129,27 @@ def write_wav(path, x: np.ndarray, sample_rate: int) -> None:
 def fit_length(x: np.ndarray, length: int) -> np.ndarray:
   """Crop or zero-pad the end to exactly `length` samples."""
   return x[:length] if len(x) >= length else np.pad(x, (0, length - len(x)))
+
+
+def trim_silence(x: np.ndarray, sample_rate: int = SAMPLE_RATE, top_db: float = 40.0,
+                 frame: int = 320) -> np.ndarray:
+  """Drop leading / trailing frames whose RMS is `top_db` below the loudest frame."""
+  n = len(x) // frame
+  if n == 0:
+    return x
+  rms = np.sqrt(np.mean(np.square(x[:n * frame].reshape(n, frame)), axis=1) + 1e-20)
+  keep = np.nonzero(rms > rms.max() * 10 ** (-top_db / 20))[0]
+  if len(keep) == 0:
+    return x
+  return x[keep[0] * frame:(keep[-1] + 1) * frame]
+
+
+def place(x: np.ndarray, length: int, offset: int | None = None) -> np.ndarray:
+  """Put x into a zero buffer of `length` samples at `offset` (centred if None), cropping."""
+  if len(x) > length:
+    start = (len(x) - length) // 2
+    return x[start:start + length].astype(np.float32)
+  offset = (length - len(x)) // 2 if offset is None else min(offset, length - len(x))
+  out = np.zeros(length, np.float32)
+  out[offset:offset + len(x)] = x
+  return out
