@@ -12,6 +12,7 @@ so an asymmetric int4 value packs exactly like a symmetric one.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -86,6 +87,7 @@ def dequantize(q: Array, s: Array, z: Optional[Array]) -> Array:
   return (q - z) * s if z is not None else q * s
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
 def mse_scale(w_SxGxgxN: Array, bits: int, symmetric: bool,
               scale_dtype: str) -> tuple[Array, Optional[Array]]:
   """Per group, the clipping ratio in MSE_RATIOS with the least squared quantization error."""
