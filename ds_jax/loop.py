@@ -94,8 +94,12 @@ def train(cfg, workdir: str, *, progress: bool = True, init_params: Any = None) 
   step = start
   t_last = time.perf_counter()
   steps_since = 0
+  # Test hook: a pause per step widens the window in which tests kill a run (never set in use).
+  delay = float(os.environ.get("DS_JAX_TEST_STEP_DELAY", "0"))
   with _Preempted() as pre:
     while step < cfg.steps:
+      if delay:
+        time.sleep(delay)
       batch = data.batch(step)
       state, metrics = trainer.step(state, batch)
       step += 1

@@ -46,9 +46,27 @@ def logical_spec(names: tuple[Optional[str], ...]) -> P:
 
 
 def param_shardings(boxed_params: Any, mesh: Mesh) -> Any:
-  """NamedShardings for a tree of nn.Partitioned boxes (from `jax.eval_shape(init)`)."""
+  """NamedShardings for a tree of nn.Partitioned boxes (from `jax.eval_shape(init)`).
+
+  A dimension that the mesh axes of its rule do not divide (e.g. a byte vocabulary of 259 over
+  tensor=2) stays replicated instead of failing.
+  """
   specs = nn.get_partition_spec(boxed_params)
-  return nn.logical_to_mesh_sharding(specs, mesh, RULES)
+  shardings = nn.logical_to_mesh_sharding(specs, mesh, RULES)
+  shapes = nn.unbox(boxed_params)
+  return jax.tree.map(lambda s, x: _divisible(s, x.shape, mesh), shardings, shapes)
+
+
+def _divisible(sharding: NamedSharding, shape: tuple[int, ...], mesh: Mesh) -> NamedSharding:
+  spec = list(sharding.spec) + [None] * (len(shape) - len(sharding.spec))
+  changed = False
+  for i, axes in enumerate(spec):
+    if axes is None:
+      continue
+    names = axes if isinstance(axes, tuple) else (axes,)
+    if shape[i] % int(np.prod([mesh.shape[a] for a in names])):
+      spec[i], changed = None, True
+  return NamedSharding(mesh, P(*spec)) if changed else sharding
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:

@@ -133,7 +133,7 @@ def train_step(state: TrainState, batch: dict, *, task: LMTask, tx: optax.Gradie
 
     grads, ms = jax.lax.scan(body, zeros, (jnp.arange(accum), mbs))
     metrics = jax.tree.map(lambda x: jnp.sum(x, axis=0), ms)
-  grad_norm = optax.global_norm(grads)
+  grad_norm = optax.tree.norm(grads)
   loss = metrics["nll_sum"] / jnp.maximum(metrics["count"], 1.0)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
