@@ -144,11 +144,20 @@ class Transformer(nn.Module):
     h_BxLxD, stats = self.body(x_BxLxD, positions_BxL, deterministic)
     normed = RMSNorm(c.rms_norm_eps, dtype, name="norm")(h_BxLxD)
     if c.tie_word_embeddings:
-      logits_BxLxV = embed.attend(normed)
+      head = embed.attend
     else:
-      logits_BxLxV = Linear(c.vocab_size, ("embed", "vocab"), dtype=dtype,
-                            init_std=c.initializer_range, name="lm_head")(normed)
+      head = Linear(c.vocab_size, ("embed", "vocab"), dtype=dtype,
+                    init_std=c.initializer_range, name="lm_head")
+    logits_BxLxV = head(normed)
     aux: dict[str, Any] = {"moe": stats, "hidden": h_BxLxD}
+    # -- DeepSeek-V3 multi-token prediction (ds_jax.nn.mtp), sharing embedding and head:
+    # aux["mtp_logits"][j, b, i] ([n, B, L, V]) predicts tokens[b, i + j + 2]; aux["mtp_moe"]
+    # holds the MTP blocks' MoE stats stacked over depths ({} when dense).
+    if c.num_nextn_predict_layers > 0:
+      from ds_jax.nn.mtp import mtp_forward
+      aux["mtp_logits"], aux["mtp_moe"] = mtp_forward(c, normed, x_BxLxD, positions_BxL, head,
+                                                      deterministic)
+    # -- end multi-token prediction
     return logits_BxLxV.astype(jnp.float32), aux
 
 
