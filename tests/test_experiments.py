@@ -2,6 +2,7 @@
 match the published totals and actives; `:tiny` keeps the routing regime of the full config."""
 
 import glob
+import json
 import os
 
 import pytest
@@ -111,3 +112,92 @@ def test_bench_dsv2_tiny_is_exactly_the_issue_shape():
   assert (m.n_routed_experts, m.num_experts_per_tok, m.n_shared_experts) == (16, 4, 1)
   assert (m.moe_intermediate_size, m.vocab_size) == (128, 1024)
   assert (cfg.seq_len, cfg.batch_size) == (256, 4)
+
+
+# ------------------------------------------------------------------------------------------------
+# Sweeps (scripts/sweep.py and experiments/sweeps/*.py).
+
+def _sweep_module():
+  import importlib.util
+  path = os.path.join(os.path.dirname(__file__), "..", "scripts", "sweep.py")
+  spec = importlib.util.spec_from_file_location("ds_jax_sweep_script", path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+def _sweep_counts(name):
+  sw = _sweep_module()
+  sweep = sw.load_sweep(os.path.join(EXP, "sweeps", name + ".py"))
+  out = {}
+  for run, ov in sweep["runs"].items():
+    cfg = sw.run_config(sweep, ov, 0)
+    mc = validate(cfg, n_devices=1)
+    ffn = sum(t.size for t in analysis.param_table(mc)
+              if t.group in ("mlp", "routed", "shared"))
+    ffn_active = sum(t.active_size for t in analysis.param_table(mc)
+                     if t.group in ("mlp", "routed", "shared"))
+    out[run] = dict(ffn=ffn, ffn_active=ffn_active)
+  return out
+
+
+def test_sweeps_compare_what_they_claim():
+  """Each ablation's runs are equal in the FFN quantity its docstring says is held fixed."""
+  c = _sweep_counts("dense_vs_moe")
+  assert c["dense_equal_active"]["ffn_active"] == c["moe"]["ffn_active"]
+  assert c["dense_equal_total"]["ffn"] == c["moe"]["ffn"]
+  c = _sweep_counts("granularity")
+  assert len({v["ffn"] for v in c.values()}) == 1 and len({v["ffn_active"] for v in c.values()}) == 1
+  c = _sweep_counts("shared_experts")
+  assert len({v["ffn"] for v in c.values()}) == 1 and len({v["ffn_active"] for v in c.values()}) == 1
+  c = _sweep_counts("routing")
+  assert len(c) == 4 and len({v["ffn"] for v in c.values()}) == 1
+
+
+def test_sweep_runs_skips_gathers_and_plots(tmp_path, monkeypatch):
+  """With a stand-in trainer: finished runs are skipped, mean ± std and files are right."""
+  sw = _sweep_module()
+  spec = tmp_path / "s.py"
+  spec.write_text(
+      "def get_sweep(arg=None):\n"
+      f"  return dict(base={_path('tiny_moe')!r}, common=['steps=20'],\n"
+      "              runs={'a': []}, grid={'model.num_experts_per_tok': [1, 2]})\n")
+  calls = []
+
+  def fake_train(cfg, workdir):
+    calls.append(workdir)
+    os.makedirs(workdir)
+    k, seed = cfg.model.num_experts_per_tok, cfg.seed
+    with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
+      for step in (10, 20):
+        f.write(json.dumps(dict(step=step, loss=5.0 - step / 10 - k - seed, tokens_per_s=100.0 + step,
+                                **{"moe/maxvio": [0.5, 1.5]})) + "\n")
+      f.write(json.dumps(dict(step=20, val_loss=3.0 - k + seed)) + "\n")
+
+  monkeypatch.setattr(sw, "train_one", fake_train)
+  sweep = sw.load_sweep(str(spec))
+  assert sorted(sweep["runs"]) == ["a", "num_experts_per_tok=1", "num_experts_per_tok=2"]
+  out = str(tmp_path / "out")
+  status = sw.run_sweep(sweep, 2, out)
+  assert len(calls) == 6 and all(s == "ran" for *_, s in status)
+  # A run without its final evaluation is rerun; finished ones are skipped.
+  unfinished = os.path.join(out, "s", "a", "seed_1")
+  lines = open(os.path.join(unfinished, "metrics.jsonl")).read().splitlines()[:-1]
+  open(os.path.join(unfinished, "metrics.jsonl"), "w").write("\n".join(lines) + "\n")
+  import shutil
+  calls.clear()
+  monkeypatch.setattr(sw, "train_one", lambda cfg, wd: (shutil.rmtree(wd), fake_train(cfg, wd)))
+  status = sw.run_sweep(sweep, 2, out)
+  assert [s for *_, s in status].count("ran") == 1 and calls == [unfinished]
+  table = {r["run"]: r for r in sw.gather(sweep, 2, out)}
+  r = table["num_experts_per_tok=2"]
+  assert r["seeds"] == 2
+  assert r["val_loss"] == pytest.approx(1.5) and r["val_loss_std"] == pytest.approx(2 ** -0.5)
+  assert r["moe/maxvio"] == pytest.approx(1.0)
+  md = sw.report(sweep, 2, out)
+  text = open(md).read()
+  assert "| num_experts_per_tok=2 |" in text and "1.5 ± 0.7071" in text
+  for f in ("results.csv", "loss_curves.png", "bars.png"):
+    assert os.path.getsize(os.path.join(out, "s", f)) > 0
+  cmds = sw.commands(sweep, 1, out)
+  assert len(cmds) == 3 and all("--config.seed=0" in c and "--workdir" in c for c in cmds)
