@@ -33,6 +33,8 @@ CASES = {
     "moe_mixtral_freq2": dict(MOE, topk_method="mixtral", moe_layer_freq=2,
                               num_hidden_layers=4),
     "moe_unscanned": dict(MOE, scan_layers=False, first_k_dense_replace=1),
+    "moe_mtp": dict(MLA, **MOE, n_shared_experts=1, first_k_dense_replace=1,
+                    num_nextn_predict_layers=2),
 }
 
 
@@ -41,6 +43,8 @@ def _mc(**kw) -> ModelConfig:
 
 
 def _bucket(path: str) -> str:
+  if path.startswith("mtp"):
+    return "mtp"
   if "shared_experts" in path:
     return "shared_experts"
   if "experts" in path:
@@ -64,13 +68,14 @@ def test_counts_equal_the_real_arrays(name):
   mc = _mc(**CASES[name])
   tree = analysis.abstract_params(mc)
   counts = analysis.count_params(mc)
-  assert analysis.tree_size(tree) == counts["total_with_mtp"] == counts["total"]
+  assert analysis.tree_size(tree) == counts["total_with_mtp"]
+  assert counts["total_with_mtp"] == counts["total"] + counts["mtp"]
   got: dict[str, int] = {}
   for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
     key = "/".join(str(getattr(p, "key", p)) for p in path)
     got[_bucket(key)] = got.get(_bucket(key), 0) + math.prod(leaf.shape)
   for group in ("attention", "routed_experts", "shared_experts", "router", "embedding", "head",
-                "dense_mlp"):
+                "dense_mlp", "mtp"):
     assert got.get(group, 0) == counts[group], (group, got)
 
 

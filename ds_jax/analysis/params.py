@@ -179,4 +179,7 @@ def abstract_params(mc: ModelConfig) -> Any:
   """The model's parameter tree as ShapeDtypeStructs, without allocating (jax.eval_shape)."""
   import jax
   from ds_jax.models import lm
+  if mc.num_nextn_predict_layers:
+    # Import outside the trace: its imports compute module-level constants with jnp.
+    import ds_jax.nn.mtp  # noqa: F401
   return jax.eval_shape(lambda k: lm.init(mc, k), jax.random.key(0))
