@@ -28,8 +28,8 @@ import jax
 import jax.numpy as jnp
 
 from ds_jax.config import ModelConfig
-from ds_jax.losses import lm_loss
-from ds_jax.models.lm import Block
+from ds_jax.models.lm import Block  # lm.py imports this module lazily, inside its trace:
+# keep module-level imports free of jnp computations (they would become tracers).
 from ds_jax.nn.linear import Linear
 from ds_jax.nn.norm import RMSNorm
 
@@ -89,6 +89,7 @@ def mtp_loss(mtp_logits_NxBxLxV: jax.Array, tokens_BxL: jax.Array,
   Depth j's logits at position i are scored against tokens[:, i + j + 2]; `weights_BxL` (e.g. a
   padding mask) weights target tokens.
   """
+  from ds_jax.losses import lm_loss  # lazily: this module is imported while tracing (lm.py)
   n, _, length, _ = mtp_logits_NxBxLxV.shape
   if weights_BxL is None:
     weights_BxL = jnp.ones(tokens_BxL.shape, jnp.float32)

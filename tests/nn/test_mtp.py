@@ -179,3 +179,20 @@ def test_mla_trunk_with_mtp_runs():
   _, aux = jax.jit(Transformer(cfg).apply)(variables, t)
   assert aux["mtp_logits"].shape == (1, B, L, 64)
   assert np.isfinite(np.asarray(aux["mtp_logits"])).all()
+
+
+def test_lazy_import_under_trace():
+  """lm.py imports ds_jax.nn.mtp inside its trace; that import must not compute with jnp."""
+  import subprocess
+  import sys
+  code = ("import jax, jax.numpy as jnp\n"
+          "from ds_jax.config import ModelConfig\n"
+          "from ds_jax.models.lm import Transformer\n"
+          "c = ModelConfig(vocab_size=16, hidden_size=8, intermediate_size=8, num_hidden_layers=1,"
+          " num_attention_heads=2, num_key_value_heads=2, num_nextn_predict_layers=1)\n"
+          "out = jax.eval_shape(Transformer(c).init, jax.random.key(0), jnp.zeros((1, 4), int))\n"
+          "print(sorted(out['params']))\n")
+  r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                     env={**__import__("os").environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""})
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert "mtp_0" in r.stdout
