@@ -93,13 +93,15 @@ def markdown(rs: list[dict]) -> str:
       "6·N_active omits attention. KV cache: GQA 2·G·head_dim per layer, MLA "
       "kv_lora_rank + qk_rope_head_dim per layer. Decode bound: bytes of bf16 active weights plus "
       f"a {KV_CONTEXT // 1024}k-token KV cache read once per token at {HBM_BYTES_PER_S / 1e12:.2f}"
-      " TB/s (H100 SXM), batch 1 — a lower bound on latency, not a measurement. n/p: not published.",
+      " TB/s (one H100 SXM; divide by the number of devices holding the weights), batch 1 — a "
+      "lower bound on latency, not a measurement. n/p: not published.",
   ]
   for r in rs:
     if r["falcon_exact"]:
       notes.append(f"Falcon 180B with its exact published layer (GELU MLP 4·hidden, LayerNorm "
                    f"biases): {r['falcon_exact']:,} parameters; the ds_jax SwiGLU approximation "
-                   f"in the table: {r['total']:,} ({100 * (r['total'] / r['falcon_exact'] - 1):+.4f}%).")
+                   f"in the table: {r['total']:,} "
+                   f"({100 * (r['total'] / r['falcon_exact'] - 1):+.4f}%).")
   return "\n".join(lines + notes)
 
 
@@ -121,7 +123,8 @@ def published_table() -> str:
   for exp, total, active, source in PUBLISHED:
     mc = model_config(load_config(os.path.join(ROOT, "experiments", exp + ".py")).model)
     p = analysis.count_params(mc)
-    act = (f"{p['active'] / 1e9:.3f}B | {active / 1e9:g}B | {100 * (p['active'] / active - 1):+.2f}%"
+    act = (f"{p['active'] / 1e9:.3f}B | {active / 1e9:g}B | "
+           f"{100 * (p['active'] / active - 1):+.2f}%"
            if active else f"{p['active'] / 1e9:.3f}B | – | –")
     lines.append(f"| {exp} | {p['total'] / 1e9:.3f}B | {total / 1e9:g}B | "
                  f"{100 * (p['total'] / total - 1):+.2f}% | {act} | {source} |")

@@ -137,17 +137,21 @@ def _sweep_counts(name):
   return out
 
 
+def _all_equal(counts, key):
+  return len({v[key] for v in counts.values()}) == 1
+
+
 def test_sweeps_compare_what_they_claim():
   """Each ablation's runs are equal in the FFN quantity its docstring says is held fixed."""
   c = _sweep_counts("dense_vs_moe")
   assert c["dense_equal_active"]["ffn_active"] == c["moe"]["ffn_active"]
   assert c["dense_equal_total"]["ffn"] == c["moe"]["ffn"]
   c = _sweep_counts("granularity")
-  assert len({v["ffn"] for v in c.values()}) == 1 and len({v["ffn_active"] for v in c.values()}) == 1
+  assert _all_equal(c, "ffn") and _all_equal(c, "ffn_active")
   c = _sweep_counts("shared_experts")
-  assert len({v["ffn"] for v in c.values()}) == 1 and len({v["ffn_active"] for v in c.values()}) == 1
+  assert _all_equal(c, "ffn") and _all_equal(c, "ffn_active")
   c = _sweep_counts("routing")
-  assert len(c) == 4 and len({v["ffn"] for v in c.values()}) == 1
+  assert len(c) == 4 and _all_equal(c, "ffn")
 
 
 def test_sweep_runs_skips_gathers_and_plots(tmp_path, monkeypatch):
@@ -166,7 +170,8 @@ def test_sweep_runs_skips_gathers_and_plots(tmp_path, monkeypatch):
     k, seed = cfg.model.num_experts_per_tok, cfg.seed
     with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
       for step in (10, 20):
-        f.write(json.dumps(dict(step=step, loss=5.0 - step / 10 - k - seed, tokens_per_s=100.0 + step,
+        f.write(json.dumps(dict(step=step, loss=5.0 - step / 10 - k - seed,
+                                tokens_per_s=100.0 + step,
                                 **{"moe/maxvio": [0.5, 1.5]})) + "\n")
       f.write(json.dumps(dict(step=20, val_loss=3.0 - k + seed)) + "\n")
 

@@ -119,7 +119,8 @@ def mtp_tensors(mc: ModelConfig) -> list[Tensor]:
   n, d = mc.num_nextn_predict_layers, mc.hidden_size
   if not n:
     return []
-  out = [Tensor("mtp.enorm", (d,), n, "mtp", "vector"), Tensor("mtp.hnorm", (d,), n, "mtp", "vector"),
+  out = [Tensor("mtp.enorm", (d,), n, "mtp", "vector"),
+         Tensor("mtp.hnorm", (d,), n, "mtp", "vector"),
          Tensor("mtp.eh_proj", (2 * d, d), n, "mtp"),
          Tensor("mtp.norm", (d,), n, "mtp", "vector")]
   block = block_tensors(mc, mc.is_moe_layer(mc.num_hidden_layers), "mtp.block", n)
