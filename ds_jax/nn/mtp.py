@@ -3,7 +3,7 @@
 Depth k = 1..n (`num_nextn_predict_layers`) keeps the causal chain: at position i it combines the
 previous depth's representation h^{k-1}_i with the embedding of token t_{i+k},
 
-    h'^k_i = eh_proj([enorm(Emb(t_{i+k})) ; hnorm(h^{k-1}_i)])       (HF checkpoint order: emb first)
+    h'^k_i = eh_proj([enorm(Emb(t_{i+k})) ; hnorm(h^{k-1}_i)])   (HF checkpoint order: emb first)
     h^k_i  = shared_head_norm(Block_k(h'^k_i))
     logits = lm_head(h^k_i)  ->  predicts t_{i+k+1}
 

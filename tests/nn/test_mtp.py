@@ -12,7 +12,7 @@ import pytest
 from ds_jax.config import ModelConfig
 from ds_jax.losses import lm_loss
 from ds_jax.models.lm import Block, Transformer
-from ds_jax.nn.mtp import MTPModule, mtp_loss, shift_left
+from ds_jax.nn.mtp import mtp_loss, shift_left
 
 B, L = 2, 8
 
