@@ -215,10 +215,10 @@ def test_seed_table_script(tmp_path):
   st = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(st)
   doc = tmp_path / "doc.md"
-  doc.write_text(f"intro\n{st.START}\nold\n{st.END}\noutro\n")
+  doc.write_text(f"intro\n{st.START}\nSTALE-BLOCK\n{st.END}\noutro\n")
   assert st.main(["--write", str(doc)]) == 0
   text = doc.read_text()
-  assert text.startswith("intro\n") and text.endswith("outro\n") and "old" not in text
+  assert text.startswith("intro\n") and text.endswith("outro\n") and "STALE-BLOCK" not in text
   assert "| DeepSeek-V2 | 235.7B | 20.9B |" in text
   st.main(["--write", str(doc)])
   assert doc.read_text() == text  # idempotent
