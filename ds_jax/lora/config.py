@@ -1,0 +1,152 @@
+"""LoRA configuration (PEFT field names) and the rule that picks which parameters get adapters.
+
+Parameters are addressed by their '/'-joined path in the parameter pytree, e.g.
+`layers_0/block/self_attn/q_proj/kernel` or `layers_1/block/mlp/experts/gate_proj`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Any, Optional, Sequence
+
+import numpy as np
+from ml_collections import ConfigDict
+
+ALL_LINEAR = "all-linear"
+INITS = ("gaussian", "kaiming", "pissa")
+# Never adapted by "all-linear": the output layer (as in PEFT), embeddings and the MoE router,
+# whose logits are computed outside `ds_jax.nn.linear.einsum`.
+_ALL_LINEAR_EXCLUDE = ("lm_head", "embed_tokens", "gate")
+_IDENT = re.compile(r"^[A-Za-z0-9_]+$")
+_STACK = re.compile(r"^layers_\d+$")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+  """One adapter's hyper-parameters.
+
+  target_modules: module names (any path component, e.g. "q_proj", "experts"), the string
+    "all-linear", or a single regex string matched (fullmatch) against the parameter path or
+    its module path (the path without a trailing "/kernel").
+  use_rslora: scale = lora_alpha / sqrt(r) (Kalajdzievski 2023) instead of lora_alpha / r.
+  use_dora: weight-decomposed LoRA (Liu et al. 2024): W' = m * (W + sBA) / ||W + sBA||_col.
+  init: "gaussian" (A ~ N(0, 1/r), B = 0, as PEFT), "kaiming" (PEFT default, uniform A),
+    or "pissa" (principal singular vectors into A, B; the base keeps the residual).
+  """
+  target_modules: Any = ("q_proj", "v_proj")
+  exclude_modules: Any = ()
+  r: int = 8
+  lora_alpha: float = 8.0
+  lora_dropout: float = 0.0
+  use_rslora: bool = False
+  use_dora: bool = False
+  init: str = "gaussian"
+
+  def __post_init__(self):
+    for f in ("target_modules", "exclude_modules"):
+      v = getattr(self, f)
+      if v is None:
+        v = ()
+      if isinstance(v, (list, tuple)):
+        object.__setattr__(self, f, tuple(v))
+    if self.r < 1:
+      raise ValueError(f"LoraConfig.r must be >= 1; got {self.r}")
+    if not 0.0 <= self.lora_dropout < 1.0:
+      raise ValueError(f"LoraConfig.lora_dropout must be in [0, 1); got {self.lora_dropout}")
+    if self.init not in INITS:
+      raise ValueError(f"LoraConfig.init must be one of {INITS}; got {self.init!r}")
+
+  @property
+  def scale(self) -> float:
+    return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+  def to_dict(self) -> dict:
+    d = dataclasses.asdict(self)
+    for f in ("target_modules", "exclude_modules"):
+      if isinstance(d[f], tuple):
+        d[f] = list(d[f])
+    return d
+
+  @classmethod
+  def from_dict(cls, d: dict) -> "LoraConfig":
+    known = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def LoRAAdapter(target_modules: Sequence[str] | str = ("q_proj", "v_proj"), r: int = 8,
+                lora_alpha: float = 8.0, dropout: float = 0.0, **kw: Any) -> LoraConfig:
+  """The seed's spelling: `LoRAAdapter(target_modules=[...], r=64, lora_alpha=32, dropout=0.1)`."""
+  kw.setdefault("lora_dropout", dropout)
+  return LoraConfig(target_modules=target_modules, r=r, lora_alpha=lora_alpha, **kw)
+
+
+def default_lora_config() -> ConfigDict:
+  """The `config.lora` section of an experiment file (disabled by default)."""
+  return ConfigDict(dict(
+      enabled=False, adapter_name="default", r=8, lora_alpha=16.0,
+      target_modules=["q_proj", "v_proj"], exclude_modules=[], dropout=0.0,
+      use_rslora=False, use_dora=False, init="gaussian", seed=0))
+
+
+def from_config_dict(c: ConfigDict | dict) -> LoraConfig:
+  """Freeze a `config.lora` section into a LoraConfig."""
+  c = c.to_dict() if isinstance(c, ConfigDict) else dict(c)
+  tm = c.get("target_modules", ("q_proj", "v_proj"))
+  return LoraConfig(target_modules=tm, exclude_modules=c.get("exclude_modules", ()),
+                    r=int(c["r"]), lora_alpha=float(c["lora_alpha"]),
+                    lora_dropout=float(c.get("dropout", c.get("lora_dropout", 0.0))),
+                    use_rslora=bool(c.get("use_rslora", False)),
+                    use_dora=bool(c.get("use_dora", False)), init=c.get("init", "gaussian"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Path matching.
+
+
+def path_str(path: Sequence[Any]) -> str:
+  """'/'-joined names of a jax key path (DictKey / GetAttrKey / str)."""
+  parts = []
+  for k in path:
+    parts.append(str(getattr(k, "key", getattr(k, "name", k))))
+  return "/".join(parts)
+
+
+def is_expert_path(path: str) -> bool:
+  return "experts" in path.split("/")
+
+
+def is_weight_path(path: str, leaf: Any) -> bool:
+  """A matmul weight: a Linear `kernel`, or a stacked expert weight under `experts/`."""
+  parts = path.split("/")
+  ndim = len(np.shape(leaf)) if not hasattr(leaf, "einsum") else 2
+  if parts[-1] == "kernel":
+    return ndim >= 2
+  return is_expert_path(path) and ndim >= 3
+
+
+def stack_axes(path: str) -> int:
+  """Leading stacked axes of a parameter: 1 under a scanned segment `layers_<s>`, else 0."""
+  return sum(1 for p in path.split("/") if _STACK.match(p))
+
+
+def _matches(spec: Any, path: str) -> bool:
+  if not spec:
+    return False
+  module = path[:-len("/kernel")] if path.endswith("/kernel") else path
+  parts = module.split("/")
+  if isinstance(spec, str):
+    if spec == ALL_LINEAR:
+      return not any(p in _ALL_LINEAR_EXCLUDE for p in parts)
+    if _IDENT.match(spec):
+      return spec in parts
+    return bool(re.fullmatch(spec, path) or re.fullmatch(spec, module))
+  return any(_matches(s, path) for s in spec)
+
+
+def is_target(cfg: LoraConfig, path: str, leaf: Any) -> bool:
+  """Whether the parameter at `path` gets an adapter under `cfg`."""
+  if not is_weight_path(path, leaf):
+    return False
+  return _matches(cfg.target_modules, path) and not _matches(cfg.exclude_modules, path)

@@ -1,0 +1,112 @@
+"""Training with adapters: split params into (trainable adapter tree, frozen rest) and back.
+
+A train step differentiates `loss(combine(trainable, frozen))` w.r.t. `trainable` only, so
+gradients and optimizer state exist only for the active adapter's arrays; the frozen base is
+never touched by the update and stays bit-identical.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import numpy as np
+
+from ds_jax.lora.config import from_config_dict
+from ds_jax.lora.kernel import LoraKernel, kernel_shape
+from ds_jax.lora.transforms import TRAINABLE_KEYS, add_adapter, is_kernel_object, map_params
+
+
+def _is_trainable(k: Any) -> bool:
+  return isinstance(k, LoraKernel) and k.active is not None and k.merged is None
+
+
+def split_trainable(params: Any) -> tuple[dict, Any]:
+  """(trainable, frozen): trainable = {path...: {lora_a, lora_b[, magnitude]}} of the active
+  adapter (nested dicts mirroring params); frozen = params with those arrays set to None."""
+  trainable: dict = {}
+
+  def fn(path, leaf):
+    if not _is_trainable(leaf):
+      return leaf
+    ad = leaf.adapters[leaf.active]
+    node = trainable
+    for p in path.split("/"):
+      node = node.setdefault(p, {})
+    node.update({k: v for k, v in ad.items() if k in TRAINABLE_KEYS})
+    hole = {k: (None if k in TRAINABLE_KEYS else v) for k, v in ad.items()}
+    return leaf.replace(adapters={**leaf.adapters, leaf.active: hole})
+  frozen = map_params(params, fn)
+  return trainable, frozen
+
+
+def combine(trainable: dict, frozen: Any) -> Any:
+  """Inverse of split_trainable: put the adapter arrays back into the frozen tree."""
+  def fn(path, leaf):
+    if not _is_trainable(leaf):
+      return leaf
+    node = trainable
+    for p in path.split("/"):
+      node = node[p]
+    ad = {**leaf.adapters[leaf.active], **node}
+    return leaf.replace(adapters={**leaf.adapters, leaf.active: ad})
+  return map_params(frozen, fn)
+
+
+def trainable_mask(params: Any) -> Any:
+  """Bool pytree shaped like `params`: True on the active adapter's arrays (for optax.masked)."""
+  trainable, frozen = split_trainable(params)
+  return combine(jax.tree.map(lambda _: True, trainable),
+                 jax.tree.map(lambda _: False, frozen))
+
+
+def _size(x: Any) -> int:
+  if isinstance(x, LoraKernel):
+    return math.prod(kernel_shape(x.base)) + sum(
+        int(np.size(a)) for ad in x.adapters.values() for a in jax.tree.leaves(ad))
+  if is_kernel_object(x):
+    return math.prod(kernel_shape(x))
+  return int(np.size(x))
+
+
+def count_params(params: Any) -> dict[str, int]:
+  """{'trainable': active-adapter parameters, 'base': base parameters, 'total': all}."""
+  trainable, _ = split_trainable(params)
+  n_train = sum(int(np.size(a)) for a in jax.tree.leaves(trainable))
+  total, base = [0], [0]
+
+  def fn(path, leaf):
+    total[0] += _size(leaf)
+    base[0] += math.prod(kernel_shape(leaf.base)) if isinstance(leaf, LoraKernel) else _size(leaf)
+    return leaf
+  map_params(params, fn)
+  return {"trainable": n_train, "base": base[0], "total": total[0]}
+
+
+def count_trainable(params: Any) -> int:
+  return count_params(params)["trainable"]
+
+
+def tree_bytes(tree: Any) -> int:
+  return sum(int(np.size(a)) * np.dtype(a.dtype).itemsize for a in jax.tree.leaves(tree))
+
+
+def lora_train_partition(params: Any, lora_cfg: Any, rng: jax.Array) -> tuple[dict, Any]:
+  """From a `config.lora` section: add the adapter (if `enabled`) and split.
+
+  Returns (trainable, frozen); with lora disabled, (params, {}) so callers can always
+  `combine` — see `combine_or_full`.
+  """
+  if not lora_cfg.get("enabled", False):
+    return params, {}
+  name = lora_cfg.get("adapter_name", "default")
+  params = add_adapter(params, name, from_config_dict(lora_cfg), rng)
+  return split_trainable(params)
+
+
+def combine_or_full(trainable: Any, frozen: Any) -> Any:
+  """combine() for a LoRA partition; the trainable tree itself when there is no frozen part."""
+  if isinstance(frozen, dict) and not frozen:
+    return trainable
+  return combine(trainable, frozen)

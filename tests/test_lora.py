@@ -1,0 +1,290 @@
+"""LoRA adapters: formulas against NumPy, invariants through the real model, checkpoints."""
+
+import os
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from ds_jax import lora
+from ds_jax.config import ModelConfig
+from ds_jax.lora.kernel import LoraKernel
+from ds_jax.models import lm
+
+CFG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2)
+TOK = jax.random.randint(jax.random.key(1), (2, 8), 0, 64)
+
+
+@pytest.fixture(scope="module")
+def base():
+  """Random parameters of lm.init's structure (eval_shape: tracing lm.init is cheap, running
+  it un-jitted is not)."""
+  shapes = jax.eval_shape(lambda k: lm.init(CFG, k), jax.random.key(0))
+  leaves, tdef = jax.tree.flatten(shapes)
+  rng = np.random.default_rng(0)
+  return jax.tree.unflatten(tdef, [jnp.asarray(0.2 * rng.normal(size=s.shape), s.dtype)
+                                   for s in leaves])
+
+
+@jax.jit
+def _noise(tree, key, std):
+  leaves, tdef = jax.tree.flatten(tree)
+  flat = std * jax.random.normal(key, (sum(x.size for x in leaves),))
+  out, o = [], 0
+  for x in leaves:
+    out.append(x + flat[o:o + x.size].reshape(x.shape))
+    o += x.size
+  return jax.tree.unflatten(tdef, out)
+
+
+def randomize(params, seed=3, std=0.2):
+  """Give the active adapter's arrays random values (B = 0 at init would hide everything)."""
+  t, f = lora.split_trainable(params)
+  return lora.combine(_noise(t, jax.random.key(seed), std), f)
+
+
+@jax.jit
+def _eval(params):
+  return lm.apply(CFG, params, TOK)
+
+
+@jax.jit
+def _train(params, rng):
+  return lm.Transformer(CFG).apply({"params": params}, TOK, deterministic=False,
+                                   rngs={"dropout": rng})[0]
+
+
+def fwd(params, train=False, rng=None):
+  return _eval(params) if rng is None else (_train if train else _eval_rng)(params, rng)
+
+
+def _eval_rng(params, rng):
+  return lm.Transformer(CFG).apply({"params": params}, TOK, deterministic=True,
+                                   rngs={"dropout": rng})[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# Formulas at the kernel level (NumPy references).
+
+
+def _kernel(cfg, w, a, b, m=None, n_batch=0):
+  ad = {"lora_a": jnp.asarray(a), "lora_b": jnp.asarray(b)}
+  if m is not None:
+    ad["magnitude"] = jnp.asarray(m)
+  return LoraKernel(base=jnp.asarray(w), adapters={"x": ad}, configs=(("x", cfg),), active="x",
+                    n_batch=n_batch, n_out=w.ndim - n_batch - 1)
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_lora_and_rslora_match_formula(rslora):
+  rng = np.random.default_rng(0)
+  d, h, k, r = 6, 3, 4, 2
+  w, x = rng.normal(size=(d, h, k)), rng.normal(size=(5, d))
+  a, b = rng.normal(size=(d, r)), rng.normal(size=(r, h, k))
+  cfg = lora.LoraConfig(r=r, lora_alpha=6.0, use_rslora=rslora)
+  s = 6.0 / (np.sqrt(r) if rslora else r)
+  y = _kernel(cfg, w, a, b).einsum("...z,zab->...ab", jnp.asarray(x), dtype=jnp.float32)
+  ref = (x @ w.reshape(d, -1) + s * x @ a @ b.reshape(r, -1)).reshape(5, h, k)
+  np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_dora_matches_formula_and_merge():
+  rng = np.random.default_rng(1)
+  d, f, r = 7, 5, 3
+  w, x = rng.normal(size=(d, f)), rng.normal(size=(4, d))
+  a, b = rng.normal(size=(d, r)), rng.normal(size=(r, f))
+  m = rng.uniform(0.5, 2.0, size=(f,))
+  cfg = lora.LoraConfig(r=r, lora_alpha=2.0, use_dora=True)
+  k = _kernel(cfg, w, a, b, m)
+  y = k.einsum("bz,za->ba", jnp.asarray(x), dtype=jnp.float32)
+  wc = w + (2.0 / r) * a @ b
+  ref = x @ (m[None, :] * wc / np.linalg.norm(wc, axis=0, keepdims=True))  # PEFT: ||.|| per out
+  np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-5, atol=1e-5)
+  merged = lora.merge({"p": {"kernel": k}})["p"]["kernel"]
+  np.testing.assert_allclose(np.linalg.norm(np.asarray(merged.base), axis=0), m, rtol=1e-5)
+  back = lora.unmerge({"p": {"kernel": merged}})["p"]["kernel"]
+  np.testing.assert_allclose(np.asarray(back.base), w, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("eq", ["ecd,edf->ecf", "nd,edf->enf"])
+def test_expert_kernels_one_adapter_per_expert(eq):
+  rng = np.random.default_rng(2)
+  e, d, f, r = 3, 4, 5, 2
+  w = rng.normal(size=(e, d, f))
+  a, b = rng.normal(size=(e, d, r)), rng.normal(size=(e, r, f))
+  k = _kernel(lora.LoraConfig(r=r, lora_alpha=r), w, a, b, n_batch=1)
+  x = rng.normal(size=(e, 6, d) if eq.startswith("e") else (6, d))
+  y = np.asarray(k.einsum(eq, jnp.asarray(x), dtype=jnp.float32))
+  for i in range(e):
+    xi = x[i] if x.ndim == 3 else x
+    np.testing.assert_allclose(y[i], xi @ (w[i] + a[i] @ b[i]), rtol=1e-5, atol=1e-5)
+
+
+def test_transposed_use_of_kernel_mla_absorption():
+  """MLA absorbs kv_b_proj as 'bthe,che->bthc': the adapter must follow the same algebra."""
+  rng = np.random.default_rng(3)
+  c, h, e, r = 5, 2, 3, 2
+  w, a, b = rng.normal(size=(c, h, e)), rng.normal(size=(c, r)), rng.normal(size=(r, h, e))
+  for dora in (False, True):
+    cfg = lora.LoraConfig(r=r, lora_alpha=r, use_dora=dora)
+    m = rng.uniform(0.5, 2, size=(h, e)) if dora else None
+    k = _kernel(cfg, w, a, b, m)
+    x = rng.normal(size=(1, 4, h, e))
+    y = k.einsum("bthe,che->bthc", jnp.asarray(x), dtype=jnp.float32)
+    wm = np.asarray(k.merged_weight("x")[0])
+    np.testing.assert_allclose(np.asarray(y), np.einsum("bthe,che->bthc", x, wm), rtol=1e-5,
+                               atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# Through the model.
+
+
+def test_zero_init_b_keeps_outputs(base):
+  y0 = fwd(base)
+  for dora in (False, True):
+    p = lora.add_adapter(base, "a", lora.LoraConfig(target_modules="all-linear", r=4,
+                                                    use_dora=dora), jax.random.key(2))
+    np.testing.assert_allclose(fwd(p), y0, rtol=1e-5, atol=1e-5)
+    assert isinstance(p["layers_0"]["block"]["mlp"]["down_proj"]["kernel"], LoraKernel)
+    assert not isinstance(p["lm_head"]["kernel"], LoraKernel)  # PEFT: no output layer
+
+
+def test_gaussian_init_statistics_and_pissa(base):
+  p = lora.add_adapter(base, "g", lora.LoraConfig(target_modules=["gate_proj"], r=16),
+                       jax.random.key(0))
+  ad = p["layers_0"]["block"]["mlp"]["gate_proj"]["kernel"].adapters["g"]
+  assert ad["lora_a"].shape == (2, 32, 16) and ad["lora_b"].shape == (2, 16, 48)
+  assert abs(float(jnp.std(ad["lora_a"])) - 1 / 16) < 0.01 and not ad["lora_b"].any()
+  y0 = fwd(base)
+  cfg = lora.LoraConfig(target_modules=["q_proj"], r=3, lora_alpha=6, init="pissa")
+  p = lora.add_adapter(base, "p", cfg, jax.random.key(0))
+  np.testing.assert_allclose(fwd(p), y0, rtol=1e-4, atol=1e-5)
+  k = p["layers_0"]["block"]["self_attn"]["q_proj"]["kernel"]
+  w = np.asarray(base["layers_0"]["block"]["self_attn"]["q_proj"]["kernel"]).reshape(2, 32, -1)
+  u, s, vh = np.linalg.svd(w, full_matrices=False)
+  top = np.einsum("lik,lk,lkj->lij", u[..., :3], s[..., :3], vh[..., :3, :])
+  np.testing.assert_allclose(np.asarray(k.delta("p")).reshape(top.shape), top, atol=1e-5)
+
+
+def test_merged_equals_unmerged_and_unload(base):
+  for dora in (False, True):
+    cfg = lora.LoraConfig(target_modules="all-linear", r=4, lora_alpha=8, use_dora=dora)
+    p = randomize(lora.add_adapter(base, "a", cfg, jax.random.key(2)))
+    y = fwd(p)
+    assert float(jnp.abs(y - fwd(base)).max()) > 1e-2  # the adapter does something
+    np.testing.assert_allclose(fwd(lora.merge(p)), y, rtol=1e-4, atol=1e-4)
+    plain = lora.merge_and_unload(p)
+    assert jax.tree.structure(plain) == jax.tree.structure(base)
+    np.testing.assert_allclose(fwd(plain), y, rtol=1e-4, atol=1e-4)
+    back = lora.unmerge(lora.merge(p))
+    for x0, x1 in zip(jax.tree.leaves(p), jax.tree.leaves(back)):
+      np.testing.assert_allclose(x1, x0, rtol=1e-4, atol=1e-5)
+
+
+def test_dropout_only_in_training(base):
+  cfg = lora.LoraConfig(target_modules=["q_proj", "v_proj"], r=4, lora_dropout=0.5)
+  p = randomize(lora.add_adapter(base, "a", cfg, jax.random.key(2)))
+  y_eval = fwd(p)
+  np.testing.assert_array_equal(fwd(p, train=False, rng=jax.random.key(5)), y_eval)
+  y1, y2 = fwd(p, True, jax.random.key(5)), fwd(p, True, jax.random.key(6))
+  assert float(jnp.abs(y1 - y2).max()) > 1e-3 and float(jnp.abs(y1 - y_eval).max()) > 1e-3
+  np.testing.assert_array_equal(fwd(p, True, jax.random.key(5)), y1)  # reproducible
+  # Dropout acts on the adapter input only: with B = 0 training equals evaluation.
+  p0 = lora.add_adapter(base, "a", cfg, jax.random.key(2))
+  np.testing.assert_allclose(fwd(p0, True, jax.random.key(5)), fwd(base), rtol=1e-5, atol=1e-6)
+
+
+def test_named_adapters_coexist_switch_delete(base):
+  qa = lora.LoraConfig(target_modules=["q_proj", "v_proj"], r=2)
+  mb = lora.LoraConfig(target_modules=["up_proj"], r=3, lora_alpha=6)
+  pa = randomize(lora.add_adapter(base, "fin", qa, jax.random.key(1)), seed=1)
+  only_a = fwd(pa)
+  p = randomize(lora.add_adapter(pa, "law", mb, jax.random.key(2)), seed=2)
+  only_b = fwd(lora.delete_adapter(p, "fin"))
+  assert lora.adapter_names(p) == ["fin", "law"] and lora.active_adapter(p) == "law"
+  assert float(jnp.abs(only_a - only_b).max()) > 1e-2
+  np.testing.assert_allclose(fwd(lora.set_adapter(p, "fin")), only_a, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(fwd(p), only_b, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(fwd(lora.set_adapter(p, None)), fwd(base), rtol=1e-5, atol=1e-6)
+  gone = lora.delete_adapter(lora.delete_adapter(p, "fin"), "law")
+  assert jax.tree.structure(gone) == jax.tree.structure(base)
+  with pytest.raises(ValueError, match="already exists"):
+    lora.add_adapter(p, "fin", qa, jax.random.key(1))
+  with pytest.raises(ValueError, match="unmerge"):
+    lora.set_adapter(lora.merge(p), "fin")
+
+
+def test_target_matching_regex_exclude_and_errors(base):
+  tgt = lambda c: sorted(lora.lora_kernels(lora.add_adapter(base, "a", c, jax.random.key(0))))
+  assert tgt(lora.LoraConfig(target_modules=r".*layers_0/.*/(q|v)_proj")) == [
+      "layers_0/block/self_attn/q_proj/kernel", "layers_0/block/self_attn/v_proj/kernel"]
+  allk = tgt(lora.LoraConfig(target_modules="all-linear", exclude_modules=["o_proj"]))
+  assert len(allk) == 6 and not any("o_proj" in k for k in allk)
+  with pytest.raises(ValueError, match="matched no weight"):
+    tgt(lora.LoraConfig(target_modules=["kv_a_proj_with_mqa"]))
+  c = lora.LoRAAdapter(target_modules=["q_proj", "v_proj"], r=64, lora_alpha=32, dropout=0.1)
+  assert (c.r, c.lora_alpha, c.lora_dropout, c.scale) == (64, 32, 0.1, 0.5)
+
+
+def test_trainable_partition_grads_and_frozen_base(base):
+  cfg = lora.LoraConfig(target_modules=["q_proj", "v_proj"], r=2, lora_alpha=4)
+  p = lora.add_adapter(base, "a", cfg, jax.random.key(2))
+  trainable, frozen = lora.split_trainable(p)
+  n_lora = sum(x.size for x in jax.tree.leaves(trainable))
+  assert n_lora == lora.count_trainable(p) == 2 * (32 * 2 + 2 * 4 * 8) + 2 * (32 * 2 + 2 * 2 * 8)
+  tx = optax.adam(1e-2)
+  opt = tx.init(trainable)
+  assert sum(x.size for x in jax.tree.leaves(opt)) == 2 * n_lora + 1  # mu, nu, count
+
+  def loss(t):
+    logits = lm.apply(CFG, lora.combine(t, frozen), TOK)
+    return -jnp.mean(jax.nn.log_softmax(logits)[..., 0])
+  for _ in range(2):
+    g = jax.grad(loss)(trainable)
+    upd, opt = tx.update(g, opt, trainable)
+    trainable = optax.apply_updates(trainable, upd)
+  assert jax.tree.structure(g) == jax.tree.structure(trainable)
+  new = lora.combine(trainable, frozen)
+  assert float(loss(trainable)) < float(loss(lora.split_trainable(p)[0]))
+  b0, b1 = lora.unload(p), lora.unload(new)
+  for x0, x1 in zip(jax.tree.leaves(b0), jax.tree.leaves(b1)):
+    np.testing.assert_array_equal(x0, x1)  # bit-identical base
+  mask = lora.trainable_mask(new)
+  assert sum(jax.tree.leaves(mask)) == 4  # A and B of q and v (one scanned segment)
+  assert len(jax.tree.leaves(mask)) == len(jax.tree.leaves(new))
+
+
+def test_save_load_round_trip(base, tmp_path):
+  cfg = lora.LoraConfig(target_modules=["q_proj", "v_proj", "down_proj"], r=2, use_dora=True)
+  p = randomize(lora.add_adapter(base, "fin", cfg, jax.random.key(2)))
+  sizes = lora.save_adapter(str(tmp_path / "fin"), p, "fin")
+  q = lora.load_adapter(str(tmp_path / "fin"), base)
+  np.testing.assert_array_equal(fwd(q), fwd(p))
+  assert lora.lora_kernels(q).keys() == lora.lora_kernels(p).keys()
+  model_bytes = lora.tree_bytes(base)
+  assert sizes["adapter_model.safetensors"] < 0.25 * model_bytes
+  q2 = lora.load_adapter(str(tmp_path / "fin"), q, name="fin2")
+  assert lora.adapter_names(q2) == ["fin", "fin2"]
+
+
+class _Model(lora.AdapterMixin):
+  def __init__(self, params):
+    self.params = params
+
+
+def test_seed_facade(base, tmp_path):
+  model = _Model(base)
+  model.add_adapter("financial_domain", lora.LoRAAdapter(target_modules=["q_proj", "v_proj"],
+                                                         r=64, lora_alpha=32, dropout=0.1))
+  assert model.active_adapter == "financial_domain" and model.adapters == ["financial_domain"]
+  np.testing.assert_allclose(fwd(model.params), fwd(base), rtol=1e-5, atol=1e-6)
+  model.save_adapter(str(tmp_path / "f"))
+  model.disable_adapters()
+  assert model.active_adapter is None
+  model.merge_and_unload()
+  assert jax.tree.structure(model.params) == jax.tree.structure(base)
