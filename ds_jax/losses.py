@@ -5,6 +5,8 @@ Language modelling losses live here; contrastive / MSE alignment losses follow b
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -43,8 +45,8 @@ def lm_loss(logits_BxLxV: Array, targets_BxL: Array, weights_BxL: Array,
 # slice of the batch, the other slices are all-gathered, and the loss is the global-batch mean.
 
 MAX_TEMPERATURE = 100.0
-SOFTMAX_INIT_LOG_T = float(jnp.log(1 / 0.07))  # CLIP
-SIGMOID_INIT_LOG_T = float(jnp.log(10.0))  # SigLIP
+SOFTMAX_INIT_LOG_T = math.log(1 / 0.07)  # CLIP
+SIGMOID_INIT_LOG_T = math.log(10.0)  # SigLIP
 SIGMOID_INIT_BIAS = -10.0
 
 

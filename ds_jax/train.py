@@ -66,6 +66,8 @@ class LMTask:
     obj = la["sum"] / norm
     metrics = {"nll_sum": la["nll_sum"], "count": la["count"], "correct": la["correct"]}
     moe = aux.get("moe") or {}
+    if aux.get("mtp_moe"):  # MoE blocks of the MTP modules balance like the trunk's
+      obj = obj + jnp.sum(aux["mtp_moe"]["aux_loss"]) / n_micro
     if moe:
       obj = obj + jnp.sum(moe["aux_loss"]) / n_micro
       metrics.update({f"moe/{k}": v / n_micro for k, v in moe.items()})

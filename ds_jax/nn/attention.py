@@ -10,7 +10,7 @@ import jax.numpy as jnp
 
 from ds_jax.config import ModelConfig
 from ds_jax.nn.linear import Linear
-from ds_jax.nn.rope import apply_rope, inv_frequencies
+from ds_jax.nn.rope import apply_rope, inv_frequencies, yarn_attention_factor
 
 NEG_INF = -1e30
 
@@ -52,7 +52,9 @@ class GQAttention(nn.Module):
     kk = Linear((g, k), ("embed", "kv_heads", "kv"), name="k_proj", **kw)(x_BxLxD, deterministic)
     v = Linear((g, k), ("embed", "kv_heads", "kv"), name="v_proj", **kw)(x_BxLxD, deterministic)
     inv = inv_frequencies(k, c.rope_theta, c.rope_scaling)
-    q, kk = apply_rope(q, positions_BxL, inv), apply_rope(kk, positions_BxL, inv)
+    factor = yarn_attention_factor(c.rope_scaling)  # 1.0 unless YaRN scales cos/sin
+    q = apply_rope(q, positions_BxL, inv, factor)
+    kk = apply_rope(kk, positions_BxL, inv, factor)
     mask = causal_mask(positions_BxL, positions_BxL)
     out_BxLxHxK = attend(q, kk, v, mask, scale=k ** -0.5)
     o_kw = dict(kw, use_bias=False)
