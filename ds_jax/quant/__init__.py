@@ -10,8 +10,8 @@ See docs/quant.md. Typical use:
 
 from ds_jax.quant.config import (QuantConfig, QuantRule, default_quant_config, from_config,
                                  quant_config)
-from ds_jax.quant.fake import (fake_quantize, init_qstate, qat_params, quantized_paths,
-                               wrap_activations)
+from ds_jax.quant.fake import (fake_quantize, init_qstate, qat_params, qat_transform,
+                               quantized_paths, wrap_activations)
 from ds_jax.quant.matmul import ActQuantKernel, PackedKernel
 from ds_jax.quant.pack import (FORMAT_VERSION, file_bytes, load_packed, pack_int4,
                                quantize_params, save_packed)
@@ -21,6 +21,6 @@ PackedInt4Kernel = PackedKernel  # the name the design uses; one class serves 4 
 __all__ = [
     "ActQuantKernel", "FORMAT_VERSION", "PackedInt4Kernel", "PackedKernel", "QuantConfig",
     "QuantRule", "default_quant_config", "fake_quantize", "file_bytes", "from_config",
-    "init_qstate", "load_packed", "pack_int4", "qat_params", "quant_config", "quantize_params",
+    "init_qstate", "load_packed", "pack_int4", "qat_params", "qat_transform", "quant_config", "quantize_params",
     "quantized_paths", "save_packed", "wrap_activations",
 ]

@@ -95,12 +95,32 @@ def fake_quantize(params: Any, qcfg: QuantConfig,
   return _map_rules(fq, params, qcfg)
 
 
-def wrap_activations(params: Any, qcfg: QuantConfig) -> Any:
-  """Kernels of rules with act_bits become ActQuantKernel (per-token activation fake-quant)."""
-  return _map_rules(lambda p, leaf, r: ActQuantKernel(leaf, r.act_bits) if r.act_bits else leaf,
-                    params, qcfg)
+def wrap_activations(params: Any, qcfg: QuantConfig, on: Optional[Array] = None) -> Any:
+  """Kernels of rules with act_bits become ActQuantKernel (per-token activation fake-quant).
+
+  on: optional traced bool; activations are quantized only where it is true."""
+  def wrap(p, leaf, rule):
+    if not rule.act_bits:
+      return leaf
+    gate = None if on is None else jnp.broadcast_to(on, leaf.shape[:stacked_axes(p, rule)])
+    return ActQuantKernel(leaf, gate, bits=rule.act_bits)
+  return _map_rules(wrap, params, qcfg)
 
 
 def qat_params(params: Any, qcfg: QuantConfig, qstate: Optional[dict[str, Array]] = None) -> Any:
   """Fake-quantized weights and activation-quantizing kernels: the params a QAT step applies."""
   return wrap_activations(fake_quantize(params, qcfg, qstate), qcfg)
+
+
+def qat_transform(qcfg: QuantConfig, qstate: Optional[dict[str, Array]] = None
+                  ) -> Callable[[Any, Array], Any]:
+  """(params, step) -> params for `LMTask.param_transforms`: float before `qcfg.start_step`,
+  fake-quantized weights and activations from it on (step may be traced)."""
+  def transform(params: Any, step: Array) -> Any:
+    if qcfg.start_step <= 0:
+      return qat_params(params, qcfg, qstate)
+    on = jnp.asarray(step) >= qcfg.start_step
+    fq = fake_quantize(params, qcfg, qstate)
+    mixed = jax.tree.map(lambda q, w: jnp.where(on, q, w), fq, params)
+    return wrap_activations(mixed, qcfg, on)
+  return transform

@@ -4,7 +4,7 @@ Kernels here are flax.struct dataclasses placed in the parameter pytree in place
 array; `ds_jax.nn.linear.einsum` calls their `.einsum(equation, x, ...)`. Every array field keeps
 the kernel's leading axes, so nn.scan slices them per layer like a plain kernel.
 
-- `ActQuantKernel(w, bits)`: fake-quantizes x per token (STE) then multiplies by float w (QAT).
+- `ActQuantKernel(w, on, bits)`: fake-quantizes x per token (STE) then multiplies by float w (QAT).
 - `PackedKernel`: int4 or int8 weights with scales; backend "int8" runs
   int8 x int8 -> int32 dots on per-token int8 activations (W4A8; int4 dots fail on XLA:CPU),
   backend "dequant" dequantizes to float and multiplies.
@@ -62,8 +62,12 @@ def fake_quant_tokens(x: Array, bits: int, axes: list[int]) -> Array:
 
 @flax.struct.dataclass
 class ActQuantKernel:
-  """A float kernel whose input activations are fake-quantized per token (QAT)."""
+  """A float kernel whose input activations are fake-quantized per token (QAT).
+
+  on: optional bool gate (QAT switched on at a traced step) shaped like the kernel's stacked
+  axes, so nn.scan and expert gathers slice it like `w`; its entries are all equal."""
   w: Array
+  on: Optional[Array] = None
   bits: int = flax.struct.field(pytree_node=False, default=8)
 
   @property
@@ -74,6 +78,8 @@ class ActQuantKernel:
              deterministic: bool = True) -> Array:
     axes = contracted_axes(*parse_equation(equation))
     xq = fake_quant_tokens(x, self.bits, axes)
+    if self.on is not None:
+      xq = jnp.where(self.on.reshape(-1)[0], xq, x)
     return jnp.einsum(equation, xq.astype(dtype), self.w.astype(dtype))
 
 

@@ -20,6 +20,7 @@ One safetensors file, `model.safetensors`, plus its metadata (also written as `q
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -56,6 +57,20 @@ def default_backend() -> str:
   return "int8" if jax.default_backend() == "cpu" else "dequant"
 
 
+@functools.partial(jax.jit, static_argnums=(2, 3, 4))
+def _quantize_leaf(w, lsq_scale, rule, n_stack, scale_dtype):
+  """(int4/int8 values in w's shape, scale [*stacked, G, N], zero or None) of one kernel."""
+  wg = cal.grouped(w, n_stack, rule.group_size)
+  if lsq_scale is not None:
+    s, z = cal.round_scale(jnp.abs(lsq_scale) + 1e-12, scale_dtype), None
+  else:
+    s, z = cal.calibrate(wg, rule.bits, rule.symmetric, rule.calibration, scale_dtype)
+  q = cal.quantize(wg, s, z, rule.bits).reshape(w.shape)
+  q = q.astype(jnp.int8).astype(jnp.int4 if rule.bits == 4 else jnp.int8)
+  sd = jnp.dtype(scale_dtype)
+  return q, jnp.squeeze(s, -2).astype(sd), None if z is None else jnp.squeeze(z, -2).astype(sd)
+
+
 def quantize_params(params: Any, qcfg: QuantConfig, qstate: Optional[dict] = None,
                     backend: str = "auto", act_bits: Optional[int] = None) -> Any:
   """Round-to-nearest quantization: matched kernels become PackedKernel (in memory).
@@ -72,19 +87,12 @@ def quantize_params(params: Any, qcfg: QuantConfig, qstate: Optional[dict] = Non
     if rule is None:
       return leaf
     w = jnp.asarray(leaf, jnp.float32)
-    wg = cal.grouped(w, stacked_axes(p, rule), rule.group_size)
-    if rule.calibration == "lsq":
-      s, z = cal.round_scale(jnp.abs(qstate[p]) + 1e-12, qcfg.scale_dtype), None
-    else:
-      s, z = cal.calibrate(wg, rule.bits, rule.symmetric, rule.calibration, qcfg.scale_dtype)
-    q = np.asarray(cal.quantize(wg, s, z, rule.bits)).astype(np.int8)
+    qweight, s, z = _quantize_leaf(w, qstate.get(p) if rule.calibration == "lsq" else None,
+                                   rule, stacked_axes(p, rule), qcfg.scale_dtype)
     n_stack = stacked_axes(p, rule)
     out_dims = tuple(w.shape[n_stack + 1:])
-    qweight = jnp.asarray(q.reshape(w.shape), jnp.int4 if rule.bits == 4 else jnp.int8)
-    sd = jnp.dtype(qcfg.scale_dtype)
     a = act_bits if act_bits is not None else (rule.act_bits or (8 if backend == "int8" else 0))
-    return PackedKernel(qweight, jnp.squeeze(s, -2).astype(sd),
-                        None if z is None else jnp.squeeze(z, -2).astype(sd),
+    return PackedKernel(qweight, s, z,
                         out_dims=out_dims, backend=backend, act_bits=a)
   return jax.tree_util.tree_map_with_path(visit, params,
                                           is_leaf=lambda x: isinstance(x, PackedKernel))

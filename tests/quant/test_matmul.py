@@ -1,5 +1,7 @@
 """Quantized matmuls vs NumPy, and fake-quant == packed through `lm.apply` (dense and MoE)."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -35,14 +37,15 @@ def test_packed_einsum_matches_numpy(eq, xshape, wshape, stack, group, symmetric
   want = np.einsum(eq, ref_tokens(x.astype(np.float64), 8), w_deq)
   got = pk.einsum(eq, jnp.asarray(x), dtype=jnp.float32)
   np.testing.assert_allclose(np.asarray(got), want, rtol=2e-5, atol=2e-5)
-  got_aq = ActQuantKernel(jnp.asarray(w_deq, jnp.float32), 8).einsum(eq, jnp.asarray(x),
+  got_aq = ActQuantKernel(jnp.asarray(w_deq, jnp.float32), bits=8).einsum(eq, jnp.asarray(x),
                                                                       dtype=jnp.float32)
   np.testing.assert_allclose(np.asarray(got_aq), want, rtol=2e-5, atol=2e-5)
 
 
 def test_activation_quant_is_per_token():
   x = np.random.default_rng(1).normal(size=(4, 16)).astype(np.float32)
-  w = ActQuantKernel(jnp.asarray(np.random.default_rng(2).normal(size=(16, 8)), jnp.float32), 4)
+  w = ActQuantKernel(jnp.asarray(np.random.default_rng(2).normal(size=(16, 8)), jnp.float32),
+                     bits=4)
   y = np.asarray(w.einsum("tz,zf->tf", jnp.asarray(x), dtype=jnp.float32))
   x2 = x.copy()
   x2[0] *= 1000.0
@@ -58,6 +61,15 @@ DENSE = ModelConfig(vocab_size=48, hidden_size=32, intermediate_size=64, num_hid
                     num_attention_heads=2, num_key_value_heads=1)
 MOE = DENSE.replace(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                     n_shared_experts=1, first_k_dense_replace=1)
+
+
+def init(cfg):
+  return jax.jit(lambda r: lm.init(cfg, r))(jax.random.PRNGKey(0))
+
+
+@pytest.fixture(scope="module")
+def dense_params():
+  return init(DENSE)
 
 
 def greedy(cfg, params, prompt, n):
@@ -77,22 +89,29 @@ def unstack(params, n):
   return out
 
 
-def test_act_quant_kernels_slice_under_scan():
-  params = lm.init(DENSE, jax.random.PRNGKey(0))
+def test_act_quant_kernels_slice_under_scan(dense_params):
   qcfg = quant.quant_config(4, 16, act_bits=4)
-  qp = quant.qat_params(params, qcfg)
-  assert isinstance(qp["layers_0"]["block"]["mlp"]["up_proj"]["kernel"], ActQuantKernel)
   tok = jax.random.randint(jax.random.PRNGKey(1), (2, 6), 0, DENSE.vocab_size)
-  scanned = lm.apply(DENSE, qp, tok)
-  looped = lm.apply(DENSE.replace(scan_layers=False), unstack(qp, 2), tok)
+
+  late = quant.qat_transform(dataclasses.replace(qcfg, start_step=5))
+
+  @jax.jit
+  def run(params, step):
+    qp = quant.qat_params(params, qcfg)
+    assert isinstance(qp["layers_0"]["block"]["mlp"]["up_proj"]["kernel"], ActQuantKernel)
+    return (lm.apply(DENSE, qp, tok),
+            lm.apply(DENSE.replace(scan_layers=False), unstack(qp, 2), tok),
+            lm.apply(DENSE, quant.fake_quantize(params, qcfg), tok),
+            lm.apply(DENSE, late(params, step), tok), lm.apply(DENSE, params, tok))
+  scanned, looped, w_only, gated, fp = run(dense_params, 5)
   np.testing.assert_allclose(np.asarray(scanned), np.asarray(looped), atol=1e-5)
-  w_only = lm.apply(DENSE, quant.fake_quantize(params, qcfg), tok)
+  np.testing.assert_allclose(np.asarray(gated), np.asarray(scanned), atol=1e-6)
+  gated4 = run(dense_params, 4)[3]  # before start_step: the float model
+  np.testing.assert_allclose(np.asarray(gated4), np.asarray(fp), atol=1e-6)
   assert np.abs(np.asarray(scanned - w_only)).max() > 1e-4  # activations were quantized
 
 
-@pytest.mark.parametrize("cfg", [DENSE, MOE], ids=["dense", "moe"])
-def test_packed_equals_fake_quant(cfg, tmp_path):
-  params = lm.init(cfg, jax.random.PRNGKey(0))
+def check_packed_equals_fake(cfg, params, tmp_path):
   qcfg = quant.quant_config(4, 16, act_bits=8, symmetric=cfg is DENSE)
   paths = quant.quantized_paths(params, qcfg)
   if cfg.is_moe:
@@ -101,8 +120,17 @@ def test_packed_equals_fake_quant(cfg, tmp_path):
   quant.save_packed(str(tmp_path), quant.quantize_params(params, qcfg), qcfg)
   packed, _ = quant.load_packed(str(tmp_path), backend="int8")
   prompt = [3, 1, 4, 1, 5]
-  want_toks, want = greedy(cfg, quant.qat_params(params, qcfg), prompt, 5)
+  want_toks, want = greedy(cfg, jax.jit(lambda p: quant.qat_params(p, qcfg))(params), prompt, 5)
   got_toks, got = greedy(cfg, packed, prompt, 5)
   assert got_toks == want_toks
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-3)
   assert np.abs(np.asarray(got)).max() > 0.05  # not trivially zero
+
+
+def test_packed_equals_fake_quant_dense(dense_params, tmp_path):
+  check_packed_equals_fake(DENSE, dense_params, tmp_path)
+
+
+@pytest.mark.slow
+def test_packed_equals_fake_quant_moe(tmp_path):
+  check_packed_equals_fake(MOE, init(MOE), tmp_path)
