@@ -2,7 +2,7 @@
 
 Published shape (HF `mistralai/Mixtral-8x22B-v0.1` config.json): 56 layers, hidden 6144, 48 heads
 with 8 KV heads (head 128), every layer MoE with 8 experts of width 16384, top-2, router aux loss
-0.001, no shared experts; vocab 32768; rope_theta 1e6; context 65536; RMSNorm eps 1e-5. The
+0.001 (HF's normalisation), no shared experts; vocab 32768; rope_theta 1e6; context 65536; RMSNorm eps 1e-5. The
 training data, token count and batch size are not published; seq_len 4096 here is an assumption.
 
 Commands:
@@ -35,7 +35,9 @@ def get_config(arg=None):
   m.topk_method = "mixtral"
   m.scoring_func = "softmax"
   m.norm_topk_prob = True
-  m.aux_loss_alpha = 0.001
+  # HF Mixtral's loss (coef 0.001) is E * sum_i frac_i * P_i over all top-k slots, which is k times
+  # DeepSeek-V2's expert-balance term that ds_jax uses: alpha1 = 0.001 * k.
+  m.aux_loss_alpha = 0.002
   m.dtype = "bfloat16"
   m.remat = "full"
   c.seq_len = 4096
