@@ -2,8 +2,8 @@
 
 Published shape (HF `mistralai/Mixtral-8x22B-v0.1` config.json): 56 layers, hidden 6144, 48 heads
 with 8 KV heads (head 128), every layer MoE with 8 experts of width 16384, top-2, router aux loss
-0.001 (HF's normalisation), no shared experts; vocab 32768; rope_theta 1e6; context 65536; RMSNorm eps 1e-5. The
-training data, token count and batch size are not published; seq_len 4096 here is an assumption.
+0.001 (HF's normalisation), no shared experts; vocab 32768; rope_theta 1e6; context 65536;
+RMSNorm eps 1e-5. The training data, token count and batch size are not published; seq_len 4096 here is an assumption.
 
 Commands:
   ds-jax analyze --config experiments/mixtral_8x22b.py   # 140.6B total, 39.0B active
