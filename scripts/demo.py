@@ -1,6 +1,6 @@
 """`make demo`: train the default tiny model on the embedded corpus, evaluate, sample, report.
 
-  python scripts/demo.py --workdir runs/demo [--config experiments/demo.py] [--config.steps=50]
+  python scripts/demo.py --workdir runs/demo [--config experiments/tiny_moe.py] [--config.steps=50]
 
 Rerunning resumes (or, when finished, just evaluates and samples again).
 """
@@ -20,7 +20,7 @@ from ds_jax import config as cfglib  # noqa: E402
 def main() -> int:
   p = argparse.ArgumentParser()
   p.add_argument("--workdir", default="runs/demo")
-  p.add_argument("--config", default="experiments/demo.py")
+  p.add_argument("--config", default="experiments/tiny_moe.py")
   p.add_argument("--prompt", default="The with statement")
   args, overrides = p.parse_known_args()
   overrides = [o[2:] for o in overrides if o.startswith("--config.")]
