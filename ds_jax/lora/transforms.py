@@ -168,7 +168,7 @@ def adapter_names(params: Any) -> list[str]:
   names: dict[str, None] = {}
   for k in lora_kernels(params).values():
     names.update(dict.fromkeys(k.adapters))
-  return list(names)
+  return sorted(names)
 
 
 def active_adapter(params: Any) -> Optional[str]:
