@@ -11,7 +11,9 @@ sequences (9216 here), peak LR 2.4e-4, warmup 2000 steps (step decay in the pape
 Commands:
   ds-jax analyze --config experiments/deepseek_v2.py   # 235.7B total, 20.9B active
   ds-jax train --config experiments/deepseek_v2.py:tiny --workdir runs/v2_tiny
-Expected (`:tiny`): trains on 2 CPU cores in a few minutes; validation loss falls well below 5.6.
+Measured (`:tiny`, 300 steps of 8 x 128 byte tokens): validation loss 2.61 / 2.34 / 2.16 at
+steps 100 / 200 / 300 (uniform over bytes: 5.6); 10 min wall on 2 cores shared with other jobs
+(2 min of CPU time): `ds-jax train --config experiments/deepseek_v2.py:tiny --workdir W`.
 """
 
 from ds_jax.config import base_config

@@ -9,8 +9,8 @@ Pre-training: 5.7T tokens, sequence 4k, batch 4608 sequences, peak LR 4.2e-4.
 Commands:
   ds-jax analyze --config experiments/deepseek_v2_lite.py   # 15.71B total, 2.45B active, <1 s
   ds-jax train --config experiments/deepseek_v2_lite.py:tiny --workdir runs/v2_lite_tiny
-Expected (`:tiny`, 300 steps of 8x128 byte tokens): validation loss falls well below the 5.6
-nats of a uniform byte model; the run takes a few minutes on 2 CPU cores.
+Expected (`:tiny`, 300 steps of 8 x 128 byte tokens): not measured for this file; the
+similar-sized deepseek_v2:tiny reaches validation loss 2.16 (uniform: 5.6) in ~2 min of CPU time.
 """
 
 from ds_jax.config import base_config

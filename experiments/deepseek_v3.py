@@ -14,7 +14,8 @@ apart (HF's 685B adds the MTP module plus its own copies of the embedding and ou
 Commands:
   ds-jax analyze --config experiments/deepseek_v3.py   # 671.0B total, 36.6B active
   ds-jax train --config experiments/deepseek_v3.py:tiny --workdir runs/v3_tiny
-Expected (`:tiny`): trains on 2 CPU cores in a few minutes; validation loss falls well below 5.6.
+Expected (`:tiny`, 300 steps of 8 x 128 byte tokens): not measured for this file; the
+similar-sized deepseek_v2:tiny reaches validation loss 2.16 (uniform: 5.6) in ~2 min of CPU time.
 """
 
 from ds_jax.config import base_config

@@ -15,7 +15,8 @@ What differs from Falcon (ds_jax has one block type):
 Commands:
   ds-jax analyze --config experiments/falcon_180b.py   # 178.55B
   ds-jax train --config experiments/falcon_180b.py:tiny --workdir runs/falcon_tiny
-Expected (`:tiny`): trains on 2 CPU cores in a few minutes; validation loss falls well below 5.6.
+Expected (`:tiny`, 300 steps of 8 x 128 byte tokens): not measured for this file; the
+similar-sized deepseek_v2:tiny reaches validation loss 2.16 (uniform: 5.6) in ~2 min of CPU time.
 """
 
 from ds_jax.config import base_config

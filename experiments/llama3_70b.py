@@ -7,7 +7,8 @@ hidden 8192, SwiGLU width 28672, 64 heads / 8 KV heads, vocab 128256, rope_theta
 Commands:
   ds-jax analyze --config experiments/llama3_70b.py   # 70.55B
   ds-jax train --config experiments/llama3_70b.py:tiny --workdir runs/llama3_tiny
-Expected (`:tiny`): trains on 2 CPU cores in a few minutes; validation loss falls well below 5.6.
+Expected (`:tiny`, 300 steps of 8 x 128 byte tokens): not measured for this file; the
+similar-sized deepseek_v2:tiny reaches validation loss 2.16 (uniform: 5.6) in ~2 min of CPU time.
 """
 
 from ds_jax.config import base_config

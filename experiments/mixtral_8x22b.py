@@ -8,7 +8,8 @@ RMSNorm eps 1e-5. The training data, token count and batch size are not publishe
 Commands:
   ds-jax analyze --config experiments/mixtral_8x22b.py   # 140.6B total, 39.0B active
   ds-jax train --config experiments/mixtral_8x22b.py:tiny --workdir runs/mixtral_tiny
-Expected (`:tiny`): trains on 2 CPU cores in a few minutes; validation loss falls well below 5.6.
+Expected (`:tiny`, 300 steps of 8 x 128 byte tokens): not measured for this file; the
+similar-sized deepseek_v2:tiny reaches validation loss 2.16 (uniform: 5.6) in ~2 min of CPU time.
 """
 
 from ds_jax.config import base_config

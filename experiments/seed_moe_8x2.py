@@ -8,7 +8,8 @@ width 2816, Mixtral-style routing (softmax over the top-2 logits) with a 0.01 ba
 Commands:
   ds-jax analyze --config experiments/seed_moe_8x2.py
   ds-jax train --config experiments/seed_moe_8x2.py:tiny --workdir runs/seed_moe_tiny
-Expected (`:tiny`): trains on 2 CPU cores in a few minutes; validation loss falls well below 5.6.
+Expected (`:tiny`, 300 steps of 8 x 128 byte tokens): not measured for this file; the
+similar-sized deepseek_v2:tiny reaches validation loss 2.16 (uniform: 5.6) in ~2 min of CPU time.
 """
 
 from ds_jax.config import base_config

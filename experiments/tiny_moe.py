@@ -4,8 +4,8 @@ Commands:
   ds-jax train --config experiments/tiny_moe.py --workdir runs/tiny_moe
   ds-jax train --config experiments/tiny_moe.py:smoke --workdir /tmp/moe_smoke   # 20 steps
 Expected: validation loss falls from ~5.6 (uniform over 259 bytes) well below it in 300 steps;
-expert load stays near uniform (MaxVio in metrics.jsonl) under the 0.01 balance loss. Runtime on
-2 CPU cores: a few minutes.
+expert load stays near uniform (moe/maxvio in metrics.jsonl) under the 0.01 balance loss.
+Measured: `:smoke` reaches val_loss 3.34 after 20 steps; the full run is not measured yet.
 """
 
 from ds_jax.config import base_config

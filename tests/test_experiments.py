@@ -80,7 +80,13 @@ def test_tiny_keeps_the_regime(name):
       full.num_attention_heads == full.num_key_value_heads)
 
 
-@pytest.mark.parametrize("name", FULL)
+# The dense and seed configs are covered by the tiny dense cases of test_analysis.py; building
+# them at full size is in the slow tier to keep the default tier fast.
+SLOW_FULL = ("llama3_70b", "falcon_180b", "seed_moe_8x2")
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_FULL
+                                  else n for n in FULL])
 def test_full_size_arrays_equal_the_analysis(name):
   """jax.eval_shape of the real init (no memory) holds exactly the counted parameters."""
   mc = model_config(load_config(_path(name)).model)
