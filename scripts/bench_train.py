@@ -1,0 +1,127 @@
+"""Whole train step of `bench_dsv2_tiny`: ds_jax vs transformers' PyTorch DeepseekV2ForCausalLM.
+
+  python scripts/bench_train.py [--steps 20] [--threads 2] [--config experiments/bench_dsv2_tiny.py]
+
+Both sides run forward + backward + AdamW on the same shape, batch and sequence, float32, one
+process, `--threads` CPU threads, in this one run; the machine's f32 matmul peak is measured in
+the same run and MFU is reported against it (FLOPs per token from `ds_jax.analysis`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _set_threads(n: int) -> None:
+  """XLA:CPU uses every core of the machine (2 here); torch is given the same count."""
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+def bench_ds_jax(cfg, steps: int) -> dict:
+  import jax
+  from ds_jax import config as cfglib
+  from ds_jax import sharding as shd
+  from ds_jax.data.text import PackedText
+  from ds_jax.train import Trainer
+  import numpy as np
+  cfg.mesh.update(dict(data=1, fsdp=1, expert=1, tensor=1))
+  mc = cfglib.validate(cfg, 1)
+  mesh = shd.make_mesh(cfglib.mesh_shape(cfg, 1), jax.devices()[:1])
+  tr = Trainer(cfg, mc, mesh)
+  state = tr.init_state()
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, mc.vocab_size, size=200_000).astype(np.int32)
+  data = PackedText(tokens, cfg.seq_len)
+  t0 = time.perf_counter()
+  state, m = tr.step(state, data.train_batch(0, 0, cfg.batch_size))
+  jax.block_until_ready(m)
+  compile_s = time.perf_counter() - t0
+  times = []
+  for s in range(1, steps + 1):
+    batch = data.train_batch(0, s, cfg.batch_size)
+    t = time.perf_counter()
+    state, m = tr.step(state, batch)
+    jax.block_until_ready(m)
+    times.append(time.perf_counter() - t)
+  return {"step_s": statistics.median(times), "compile_s": compile_s,
+          "loss": float(m["loss"])}
+
+
+def bench_torch(mc, batch: int, seq: int, steps: int, threads: int) -> dict:
+  import torch
+  from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
+  torch.set_num_threads(threads)
+  torch.manual_seed(0)
+  hf = DeepseekV2Config(
+      vocab_size=mc.vocab_size, hidden_size=mc.hidden_size,
+      intermediate_size=mc.intermediate_size, moe_intermediate_size=mc.moe_intermediate_size,
+      num_hidden_layers=mc.num_hidden_layers, num_attention_heads=mc.num_attention_heads,
+      num_key_value_heads=mc.num_attention_heads, n_shared_experts=mc.n_shared_experts,
+      n_routed_experts=mc.n_routed_experts, num_experts_per_tok=mc.num_experts_per_tok,
+      first_k_dense_replace=mc.first_k_dense_replace, kv_lora_rank=mc.kv_lora_rank,
+      q_lora_rank=mc.q_lora_rank or None, qk_rope_head_dim=mc.qk_rope_head_dim,
+      qk_nope_head_dim=mc.qk_nope_head_dim, v_head_dim=mc.v_head_dim,
+      topk_method="greedy", norm_topk_prob=mc.norm_topk_prob,
+      routed_scaling_factor=mc.routed_scaling_factor, max_position_embeddings=1024,
+      n_group=1, topk_group=1, tie_word_embeddings=False)
+  model = DeepseekV2ForCausalLM(hf).float().train()
+  opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
+  ids = torch.randint(0, mc.vocab_size, (batch, seq))
+
+  def step():
+    opt.zero_grad(set_to_none=True)
+    out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    opt.step()
+    return float(out.loss)
+
+  step()
+  times = []
+  for _ in range(steps):
+    t = time.perf_counter()
+    loss = step()
+    times.append(time.perf_counter() - t)
+  return {"step_s": statistics.median(times), "loss": loss}
+
+
+def main() -> int:
+  p = argparse.ArgumentParser()
+  p.add_argument("--config", default="experiments/bench_dsv2_tiny.py")
+  p.add_argument("--steps", type=int, default=20)
+  p.add_argument("--threads", type=int, default=2)
+  p.add_argument("--skip-torch", action="store_true")
+  args = p.parse_args()
+  _set_threads(args.threads)
+  from ds_jax import analysis
+  from ds_jax import config as cfglib
+  from ds_jax.metrics import measure_peak_flops
+  cfg = cfglib.load_config(args.config)
+  mc = cfglib.model_config(cfg.model)
+  tokens = cfg.batch_size * cfg.seq_len
+  fpt = analysis.flops_per_token(mc, cfg.seq_len)["train"]
+  peak = measure_peak_flops()
+  ours = bench_ds_jax(cfg, args.steps)
+  rows = [("ds_jax (jit, f32)", ours["step_s"])]
+  theirs = None
+  if not args.skip_torch:
+    theirs = bench_torch(mc, cfg.batch_size, cfg.seq_len, args.steps, args.threads)
+    rows.append(("transformers DeepseekV2ForCausalLM (torch, f32)", theirs["step_s"]))
+  print(f"config {args.config}: batch {cfg.batch_size} x seq {cfg.seq_len} = {tokens} tokens/step,"
+        f" {fpt / 1e6:.1f} MFLOP/token (train), f32 matmul peak {peak / 1e9:.1f} GFLOP/s")
+  print(f"{'system':<50} {'step ms':>9} {'tokens/s':>10} {'MFU':>7}")
+  for name, s in rows:
+    print(f"{name:<50} {s * 1e3:9.1f} {tokens / s:10.0f} {fpt * tokens / s / peak:7.1%}")
+  if theirs:
+    print(f"ds_jax / transformers tokens/s ratio: {theirs['step_s'] / ours['step_s']:.2f}x")
+  print(f"(ds_jax compile {ours['compile_s']:.1f} s; medians of {args.steps} steps)")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
