@@ -46,6 +46,11 @@ def pair_name(a: str, b: str) -> str:
   return f"{a}_{b}"
 
 
+def fan_in_std(width: int) -> float:
+  """1/sqrt(width): keeps unit scale through the short projection chain after the towers."""
+  return width ** -0.5
+
+
 class AttentionPool(nn.Module):
   """A learned query attends over the (masked) tokens: [B, N, S] -> [B, S]."""
   num_heads: int
@@ -53,9 +58,10 @@ class AttentionPool(nn.Module):
   @nn.compact
   def __call__(self, x_BxNxS: jax.Array, mask_BxN: Optional[jax.Array]) -> jax.Array:
     s = x_BxNxS.shape[-1]
-    q = self.param("query", nn.initializers.normal(0.02), (1, 1, s), jnp.float32)
+    q = self.param("query", nn.initializers.normal(1.0), (1, 1, s), jnp.float32)
     q_Bx1xS = jnp.broadcast_to(q, (x_BxNxS.shape[0], 1, s))
-    out = Attention(self.num_heads, name="attn")(q_Bx1xS, mask_BxN, context_BxSxC=x_BxNxS)
+    out = Attention(self.num_heads, init_std=fan_in_std(s), name="attn")(
+        q_Bx1xS, mask_BxN, context_BxSxC=x_BxNxS)
     return out[:, 0]
 
 
@@ -69,10 +75,12 @@ class CrossModalBlock(nn.Module):
     s = a_BxNxS.shape[-1]
     h = nn.LayerNorm(name="ln_q")(a_BxNxS)
     ctx = nn.LayerNorm(name="ln_kv")(b_BxMxS)
-    c = a_BxNxS + Attention(self.num_heads, name="cross_attn")(h, bmask_BxM, context_BxSxC=ctx)
-    c = c + FeedForward(2 * s, name="mlp")(nn.LayerNorm(name="ln_mlp")(c))
+    std = fan_in_std(s)
+    c = a_BxNxS + Attention(self.num_heads, init_std=std, name="cross_attn")(
+        h, bmask_BxM, context_BxSxC=ctx)
+    c = c + FeedForward(2 * s, init_std=std, name="mlp")(nn.LayerNorm(name="ln_mlp")(c))
     pooled = AttentionPool(self.num_heads, name="pool")(c, amask_BxN)
-    return Linear(1, ("embed", "out"), use_bias=True, name="match")(pooled)[:, 0]
+    return Linear(1, ("embed", "out"), use_bias=True, init_std=std, name="match")(pooled)[:, 0]
 
 
 TOWERS = {"text": TextEncoder, "image": ViT, "audio": AudioEncoder}
@@ -85,11 +93,11 @@ class TriModal(nn.Module):
     c = self.cfg
     self.towers = {m: TOWERS[m](getattr(c, m), name=f"{m}_tower") for m in MODALITIES}
     self.norms = {m: nn.LayerNorm(name=f"{m}_token_norm") for m in MODALITIES}
-    self.projs = {m: Linear(c.shared_width, ("embed", "shared"), name=f"{m}_token_proj")
-                  for m in MODALITIES}
+    self.projs = {m: Linear(c.shared_width, ("embed", "shared"), name=f"{m}_token_proj",
+                            init_std=fan_in_std(getattr(c, m).hidden_size)) for m in MODALITIES}
     self.pools = {m: AttentionPool(c.pool_heads, name=f"{m}_pool") for m in MODALITIES}
-    self.heads = {m: Linear(c.embed_dim, ("shared", "joint"), name=f"{m}_head")
-                  for m in MODALITIES}
+    self.heads = {m: Linear(c.embed_dim, ("shared", "joint"), name=f"{m}_head",
+                            init_std=fan_in_std(c.shared_width)) for m in MODALITIES}
     names = [pair_name(a, b) for a, b in ALL_PAIRS]
     init_t = (losses.SOFTMAX_INIT_LOG_T if c.contrastive == "softmax"
               else losses.SIGMOID_INIT_LOG_T)

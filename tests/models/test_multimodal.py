@@ -1,0 +1,70 @@
+"""TriModal: embeddings computed alone (no leakage), CMAA reads the other modality, pairing modes."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ds_jax.models import multimodal as mm
+from ds_jax.models.encoders import EncoderConfig
+
+ENC = EncoderConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                    num_attention_heads=2)
+CFG = mm.MultimodalConfig(text=ENC.replace(max_position_embeddings=8),
+                          image=ENC.replace(patch_size=4), audio=ENC.replace(max_frames=16),
+                          shared_width=16, embed_dim=8, pool_heads=2)
+
+
+def _inputs(seed=0, b=6):
+  k = jax.random.split(jax.random.key(seed), 3)
+  return {"text": jax.random.randint(k[0], (b, 8), 1, 100),
+          "image": jax.random.uniform(k[1], (b, 8, 8, 1)),
+          "audio": jax.random.normal(k[2], (b, 16, 80))}
+
+
+PARAMS = mm.init_params(CFG, jax.random.key(0), _inputs())
+
+
+def test_embeddings_do_not_see_other_modalities():
+  x = _inputs()
+  model = mm.TriModal(CFG)
+  out = model.apply({"params": PARAMS}, x)
+  other = dict(x, audio=x["audio"] * 3 + 1, text=x["text"][::-1])
+  out2 = model.apply({"params": PARAMS}, other)
+  np.testing.assert_allclose(out["image"], out2["image"], atol=1e-6)
+  alone = model.apply({"params": PARAMS}, "image", x["image"], method=mm.TriModal.encode)
+  np.testing.assert_allclose(out["image"], alone, atol=1e-6)
+  # ... while the cross-modal block does read the other modality's tokens.
+  assert float(jnp.abs(out["image_audio"] - out2["image_audio"]).max()) > 1e-5
+  z = mm.encode(CFG, PARAMS, "image", x["image"])
+  np.testing.assert_allclose(jnp.linalg.norm(z, axis=-1), 1.0, rtol=1e-5)
+
+
+def test_hard_negatives_are_most_similar_other_class():
+  za = jnp.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]])
+  labels = jnp.array([0, 0, 1])
+  neg = mm.hard_negatives(za, za, labels)
+  np.testing.assert_array_equal(neg, [2, 2, 1])  # row 2: most similar of class 0 is item 1
+
+
+def _grads(pairs, cmaa=True):
+  cfg = CFG.__class__(**{**CFG.__dict__, "cmaa": cmaa, "pairs": pairs})
+  x = _inputs()
+  labels = jnp.array([0, 1, 2, 0, 1, 2])
+  f = lambda p: mm.tri_modal_loss(mm.TriModal(cfg), p, x, labels, pairs=pairs)
+  (loss, aux), g = jax.value_and_grad(f, has_aux=True)(PARAMS)
+  norm = lambda t: float(sum(jnp.sum(jnp.abs(v)) for v in jax.tree.leaves(t)))
+  return loss, aux, g, norm
+
+
+def test_pairing_modes_route_gradients():
+  loss, aux, g, norm = _grads(mm.ALL_PAIRS)
+  assert np.isfinite(float(loss)) and "audio_text/cmaa_bce" in aux
+  for name in ("text_tower", "image_tower", "audio_tower", "cmaa_audio_text", "log_t_audio_text"):
+    assert norm(g[name]) > 0, name
+  loss, aux, g, norm = _grads(mm.IMAGE_ANCHORED)
+  assert "audio_text/loss" not in aux and "image_audio/cmaa_bce" in aux
+  # audio and text are never compared directly: their pair's parameters get no gradient
+  assert norm(g["cmaa_audio_text"]) == 0 and norm(g["log_t_audio_text"]) == 0
+  assert norm(g["audio_tower"]) > 0 and norm(g["text_tower"]) > 0
+  loss, aux, g, norm = _grads(mm.ALL_PAIRS, cmaa=False)
+  assert not any("cmaa" in k for k in aux) and norm(g["cmaa_image_text"]) == 0
