@@ -318,3 +318,82 @@ def test_seed_facade(base, tmp_path):
   assert model.active_adapter == "financial_domain"
   model.merge_and_unload()
   assert jax.tree.structure(model.params) == jax.tree.structure(base)
+
+
+# ----------------------------------------------------------------------------------------------
+# QLoRA on the packed int4 base, and the MoE / MLA model.
+
+
+def test_qlora_on_packed_int4_base_and_requantized_merge():
+  from ds_jax.quant.config import quant_config
+  from ds_jax.quant.matmul import PackedKernel
+  from ds_jax.quant.pack import quantize_params
+  w = np.random.default_rng(4).normal(size=(2, 32, 4, 8)).astype(np.float32)  # [L, D, H, K]
+  q = quantize_params({"layers_0": {"q_proj": {"kernel": jnp.asarray(w)}}},
+                      quant_config(bits=4, group_size=16), backend="dequant", act_bits=0)
+  k0 = q["layers_0"]["q_proj"]["kernel"]
+  assert isinstance(k0, PackedKernel) and k0.bits == 4
+  cfg = lora.LoraConfig(target_modules=["q_proj"], r=2, lora_alpha=2)
+  p = randomize(lora.add_adapter(q, "a", cfg, jax.random.key(0)), std=0.5)
+  k = p["layers_0"]["q_proj"]["kernel"]
+  assert isinstance(k.base, PackedKernel)  # the 4-bit base stays packed
+  x = jax.random.normal(jax.random.key(1), (3, 32))
+  ad = k.adapters["a"]
+  y = jax.tree.map(lambda a: a[1], k).einsum("...z,zab->...ab", x, dtype=jnp.float32)
+  deq = np.asarray(k0.dequantize())
+  ref = (x @ deq[1].reshape(32, -1) + x @ ad["lora_a"][1] @ ad["lora_b"][1].reshape(2, -1))
+  np.testing.assert_allclose(y.reshape(3, -1), ref, rtol=1e-4, atol=1e-4)
+  # Gradients reach the adapters through the packed base; the base has no trainable leaf.
+  t, f = lora.split_trainable(p)
+  layer1 = lambda t: jax.tree.map(lambda a: a[1], lora.combine(t, f)["layers_0"]["q_proj"][
+      "kernel"])
+  g = jax.grad(lambda t: jnp.sum(layer1(t).einsum("...z,zab->...ab", x, dtype=jnp.float32)
+                                 ** 2))(t)
+  assert float(jnp.abs(g["layers_0"]["q_proj"]["kernel"]["lora_b"]).max()) > 0
+  merged, report = lora.merge_and_requantize(p)
+  mk = merged["layers_0"]["q_proj"]["kernel"]
+  assert isinstance(mk, PackedKernel) and mk.bits == 4 and mk.scale.shape == k0.scale.shape
+  target = deq + np.asarray(k.delta("a"))
+  err = np.linalg.norm(np.asarray(mk.dequantize()) - target) / np.linalg.norm(target)
+  rep = report["layers_0/q_proj/kernel"]
+  assert 0 < rep["rel_weight"] < 0.2 and abs(rep["rel_weight"] - err) < 1e-5 * max(err, 1)
+  assert rep["rel_update"] > rep["rel_weight"]  # the update is smaller than the weight
+
+
+MOE = ModelConfig(model_type="deepseek_v2", vocab_size=64, hidden_size=32, intermediate_size=48,
+                  num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                  attention_type="mla", kv_lora_rank=8, q_lora_rank=8, qk_nope_head_dim=8,
+                  qk_rope_head_dim=4, v_head_dim=8, n_routed_experts=4, n_shared_experts=1,
+                  num_experts_per_tok=2, moe_intermediate_size=16, first_k_dense_replace=1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("matmul", ["padded_einsum", "dense_mask"])
+def test_moe_mla_model_per_expert_adapters(matmul):
+  mc = MOE.replace(moe_matmul=matmul)
+  params = lm.init(mc, jax.random.key(0))
+  f = jax.jit(lambda p: lm.apply(mc, p, TOK))
+  y0 = f(params)
+  cfg = lora.LoraConfig(target_modules="all-linear", r=2, lora_alpha=4)
+  p = lora.add_adapter(params, "a", cfg, jax.random.key(1))
+  names = set(lora.lora_kernels(p))
+  assert "layers_1/block/mlp/experts/gate_proj" in names
+  assert "layers_0/block/self_attn/kv_a_proj_with_mqa/kernel" in names
+  assert "layers_1/block/mlp/gate/kernel" not in names  # the router stays plain
+  ek = p["layers_1"]["block"]["mlp"]["experts"]["down_proj"]
+  assert ek.adapters["a"]["lora_a"].shape == (1, 4, 16, 2)  # [L, E, F, r]: one per expert
+  np.testing.assert_allclose(f(p), y0, rtol=1e-5, atol=1e-5)
+  p = randomize(p, std=0.5)
+  y = f(p)
+  assert float(jnp.abs(y - y0).max()) > 1e-3
+  np.testing.assert_allclose(f(lora.merge_and_unload(p)), y, rtol=1e-4, atol=1e-4)
+  # Only expert 0's adapter changes: the merged weights differ on expert 0 alone.
+  t, fr = lora.split_trainable(p)
+  t2 = jax.tree.map(lambda x: x, t)
+  b = t2["layers_1"]["block"]["mlp"]["experts"]["down_proj"]["lora_b"]
+  t2["layers_1"]["block"]["mlp"]["experts"]["down_proj"]["lora_b"] = b.at[:, 0].add(1.0)
+  w1 = lora.merge_and_unload(p)["layers_1"]["block"]["mlp"]["experts"]["down_proj"]
+  w2 = lora.merge_and_unload(lora.combine(t2, fr))["layers_1"]["block"]["mlp"]["experts"][
+      "down_proj"]
+  diff = np.abs(np.asarray(w1 - w2)).reshape(1, 4, -1).max(-1)[0]
+  assert diff[0] > 0 and not diff[1:].any()
