@@ -46,9 +46,31 @@ def capacity(n_slots: int, n_experts: int, factor: float) -> int:
   return max(1, int(math.ceil(factor * n_slots / n_experts)))
 
 
+@jax.custom_vjp
+def _take_sorted(a: Array, idx: Array) -> Array:
+  return jnp.take(a, idx, axis=0, indices_are_sorted=True)
+
+
+def _take_sorted_fwd(a, idx):
+  return _take_sorted(a, idx), (idx, a.shape[0])
+
+
+def _take_sorted_bwd(res, g):
+  idx, n = res
+  return jax.ops.segment_sum(g, idx, num_segments=n, indices_are_sorted=True), None
+
+
+_take_sorted.defvjp(_take_sorted_fwd, _take_sorted_bwd)
+
+
 def take_experts(kernel: Any, idx: Array) -> Any:
-  """Gather experts along the leading axis of every leaf (arrays and kernel pytrees alike)."""
-  return jax.tree.map(lambda a: jnp.take(a, idx, axis=0), kernel)
+  """Gather experts (sorted ids) along the leading axis of every leaf of a kernel pytree."""
+  def take(a):
+    a = jnp.asarray(a)
+    if jnp.issubdtype(a.dtype, jnp.floating):
+      return _take_sorted(_vary_like(a, idx), idx)
+    return jnp.take(a, idx, axis=0)
+  return jax.tree.map(take, kernel)
 
 
 def swiglu(x: Array, k: ExpertKernels, eq_in: str, eq_out: str, dtype: Any) -> Array:
@@ -71,18 +93,60 @@ def sort_slots(e_N: Array, valid_N: Array, n_experts: int) -> tuple[Array, Array
   return order_N, rank_N, counts_E
 
 
-def _rows_from_slots(x_NxD: Array, row_N: Array, n_rows: int) -> Array:
-  """x placed at the given rows (row >= n_rows: not placed); empty rows are zero."""
-  n = x_NxD.shape[0]
-  src_R = jnp.full((n_rows,), n, jnp.int32).at[row_N].set(jnp.arange(n, dtype=jnp.int32),
-                                                          mode="drop")
-  x_pad = jnp.concatenate([x_NxD, jnp.zeros((1, x_NxD.shape[1]), x_NxD.dtype)])
-  return jnp.take(x_pad, src_R, axis=0)
+def _vary_like(a: Array, *refs: Array) -> Array:
+  """Inside shard_map, mark `a` varying over the mesh axes the index arrays vary over, so that
+  a custom VJP's cotangent (which varies like the indices) has the primal's type; the psum of
+  the gradient over those axes comes from the transpose of this cast."""
+  def varying(v):
+    mt = getattr(jax.typeof(v), "manual_axis_type", None)
+    return frozenset(mt.varying) if mt is not None else frozenset()
+  vma = frozenset().union(*(varying(r) for r in refs))
+  missing = tuple(sorted(vma - varying(a)))
+  return jax.lax.pcast(a, missing, to="varying") if missing else a
 
 
-def _slots_from_rows(o_RxD: Array, row_N: Array) -> Array:
-  o_pad = jnp.concatenate([o_RxD, jnp.zeros((1, o_RxD.shape[1]), o_RxD.dtype)])
-  return jnp.take(o_pad, jnp.minimum(row_N, o_RxD.shape[0]), axis=0)
+def gather_rows(x_NxD: Array, src_R: Array, inv_N: Array) -> Array:
+  """y[r] = x[src[r]] (zero where src[r] >= N) for an injective src; inv is its inverse map.
+
+  Its transpose is again a gather (by `inv`), not a scatter-add: XLA:CPU scatters are ~25x
+  slower than gathers, and they dominated the MoE backward pass.
+  """
+  return _gather_rows(_vary_like(x_NxD, src_R, inv_N), src_R, inv_N)
+
+
+@jax.custom_vjp
+def _gather_rows(x_NxD: Array, src_R: Array, inv_N: Array) -> Array:
+  x_pad = jnp.concatenate([x_NxD, jnp.zeros((1,) + x_NxD.shape[1:], x_NxD.dtype)])
+  return jnp.take(x_pad, jnp.minimum(src_R, x_NxD.shape[0]), axis=0)
+
+
+def _gather_rows_fwd(x_NxD, src_R, inv_N):
+  return _gather_rows(x_NxD, src_R, inv_N), (src_R, inv_N)
+
+
+def _gather_rows_bwd(res, g_RxD):
+  src_R, inv_N = res
+  return _gather_rows(g_RxD, inv_N, src_R), None, None
+
+
+_gather_rows.defvjp(_gather_rows_fwd, _gather_rows_bwd)
+
+
+def row_maps(row_N: Array, n_rows: int) -> Array:
+  """src_R (row -> slot, N where empty) for slot -> row placements (row >= n_rows: not placed)."""
+  n = row_N.shape[0]
+  return jnp.full((n_rows,), n, jnp.int32).at[row_N].set(jnp.arange(n, dtype=jnp.int32),
+                                                         mode="drop")
+
+
+def _rows_from_slots(x_NxD: Array, row_N: Array, n_rows: int) -> tuple[Array, Array]:
+  """(x placed at the given rows, empty rows zero; the row -> slot map)."""
+  src_R = row_maps(row_N, n_rows)
+  return gather_rows(x_NxD, src_R, row_N), src_R
+
+
+def _slots_from_rows(o_RxD: Array, row_N: Array, src_R: Array) -> Array:
+  return gather_rows(o_RxD, row_N, src_R)
 
 
 def capacity_rows(x_ExCxD: Array, k: ExpertKernels, dtype: Any) -> Array:
@@ -111,17 +175,19 @@ def expert_rows(x_NxD: Array, e_N: Array, valid_N: Array, k: ExpertKernels, stra
     return jnp.einsum("end,ne->nd", y_ExNxD, mask_NxE), valid_N
   if strategy == "padded_einsum" and cap is not None:
     rows = jnp.where(valid_N, e_N * cap + rank_N, n_exp * cap)
-    x_ExCxD = _rows_from_slots(x_NxD, rows, n_exp * cap).reshape(n_exp, cap, d)
-    o_RxD = capacity_rows(x_ExCxD, k, dtype).reshape(n_exp * cap, d)
-    return _slots_from_rows(o_RxD, rows), valid_N
+    x_RxD, src_R = _rows_from_slots(x_NxD, rows, n_exp * cap)
+    o_RxD = capacity_rows(x_RxD.reshape(n_exp, cap, d), k, dtype).reshape(n_exp * cap, d)
+    return _slots_from_rows(o_RxD, rows, src_R), valid_N
   if strategy == "ragged_dot":
     valid_sorted = valid_N[order_N]
-    xs_NxD = jnp.where(valid_sorted[:, None], x_NxD[order_N], 0).astype(dtype)
+    inv_N = jnp.zeros((n,), jnp.int32).at[order_N].set(jnp.arange(n, dtype=jnp.int32))
+    xs_NxD = jnp.where(valid_sorted[:, None], gather_rows(x_NxD, order_N, inv_N), 0)
+    xs_NxD = xs_NxD.astype(dtype)
     def rd(a, w):
       return jax.lax.ragged_dot(a, jnp.asarray(w).astype(dtype), counts_E.astype(jnp.int32))
     h = nn.silu(rd(xs_NxD, k.gate_proj)) * rd(xs_NxD, k.up_proj)
     ys_NxD = rd(h, k.down_proj) * valid_sorted[:, None]
-    return jnp.zeros_like(ys_NxD).at[order_N].set(ys_NxD), valid_N
+    return gather_rows(ys_NxD, inv_N, order_N), valid_N
   if strategy != "padded_einsum":
     raise ValueError(f"unknown moe_matmul {strategy!r}")
   # Block-sparse dropless layout: each expert's run padded to a multiple of `block` rows.
@@ -135,9 +201,10 @@ def expert_rows(x_NxD: Array, e_N: Array, valid_N: Array, k: ExpertKernels, stra
   block_e = jnp.searchsorted(pend_E, jnp.arange(n_blocks) * b, side="right")
   block_e = jnp.minimum(block_e, n_exp - 1)  # trailing empty blocks: any expert, zero rows
   kb = ExpertKernels(*(take_experts(w, block_e) for w in k))
-  x_BxbxD = _rows_from_slots(x_NxD, rows, n_rows).reshape(n_blocks, b, d)
-  o_RxD = swiglu(x_BxbxD, kb, "nbd,ndf->nbf", "nbf,nfd->nbd", dtype).reshape(n_rows, d)
-  return _slots_from_rows(o_RxD, rows), valid_N
+  x_RxD, src_R = _rows_from_slots(x_NxD, rows, n_rows)
+  o_RxD = swiglu(x_RxD.reshape(n_blocks, b, d), kb, "nbd,ndf->nbf", "nbf,nfd->nbd",
+                 dtype).reshape(n_rows, d)
+  return _slots_from_rows(o_RxD, rows, src_R), valid_N
 
 
 def local_moe(x_TxD: Array, idx_TxK: Array, w_TxK: Array, valid_T: Array, k: ExpertKernels,

@@ -54,19 +54,21 @@ def _ep_body(x_TxD, idx_TxK, w_TxK, valid_T, k: md.ExpertKernels, *, n_exp: int,
     _, rank_N, _ = md.sort_slots(e_N, valid_N, n_exp)
     kept_N = valid_N & (rank_N < cap)
     rows = jnp.where(kept_N, e_N * cap + rank_N, n_exp * cap)
-    buf = md._rows_from_slots(x_NxD, rows, n_exp * cap).reshape(n_shards, e_loc * cap, d)
+    buf, src_R = md._rows_from_slots(x_NxD, rows, n_exp * cap)
+    buf = buf.reshape(n_shards, e_loc * cap, d)
     recv = a2a(buf).reshape(n_shards, e_loc, cap, d).transpose(1, 0, 2, 3)
     o = md.capacity_rows(recv.reshape(e_loc, n_shards * cap, d), k, dtype)
     back = o.reshape(e_loc, n_shards, cap, d).transpose(1, 0, 2, 3)
     ret = a2a(back.reshape(n_shards, e_loc * cap, d)).reshape(n_exp * cap, d)
-    o_NxD = md._slots_from_rows(ret, rows)
+    o_NxD = md._slots_from_rows(ret, rows, src_R)
   else:
     n = t * kk
     dest_N = e_N // e_loc
     _, rank_N, _ = md.sort_slots(dest_N, valid_N, n_shards)
     kept_N = valid_N
     rows = jnp.where(valid_N, dest_N * n + rank_N, n_shards * n)
-    buf = md._rows_from_slots(x_NxD, rows, n_shards * n).reshape(n_shards, n, d)
+    buf, src_R = md._rows_from_slots(x_NxD, rows, n_shards * n)
+    buf = buf.reshape(n_shards, n, d)
     eid = jnp.full((n_shards * n,), e_loc, jnp.int32).at[rows].set(
         (e_N % e_loc).astype(jnp.int32), mode="drop").reshape(n_shards, n)
     recv_x = a2a(buf).reshape(n_shards * n, d)
@@ -74,7 +76,7 @@ def _ep_body(x_TxD, idx_TxK, w_TxK, valid_T, k: md.ExpertKernels, *, n_exp: int,
     o, _ = md.expert_rows(recv_x, jnp.minimum(recv_e, e_loc - 1), recv_e < e_loc, k, strategy,
                           block, dtype)
     ret = a2a(o.reshape(n_shards, n, d)).reshape(n_shards * n, d)
-    o_NxD = md._slots_from_rows(ret, rows)
+    o_NxD = md._slots_from_rows(ret, rows, src_R)
   w_N = w_TxK.T.reshape(-1).astype(o_NxD.dtype)
   y_TxD = (o_NxD * w_N[:, None]).reshape(kk, t, d).sum(0)
   dropped = jnp.sum(valid_N & ~kept_N).astype(jnp.int32)
