@@ -1,6 +1,7 @@
 """MoE layer forward+backward time against a dense SwiGLU MLP of the same active FLOPs.
 
     python scripts/bench_moe.py [--tokens 2048] [--hidden 256] [--active 384] [--iters 5]
+                                [--blocks 16,64] [--slow-iters 1]
 
 Prints one table: each MoE shape (fine-grained 64 experts top-6, coarse 8 experts top-2, equal
 active width `--active`) under each grouped-matmul strategy, with its time over the dense MLP's
@@ -58,7 +59,8 @@ def main() -> None:
   p.add_argument("--hidden", type=int, default=256)
   p.add_argument("--active", type=int, default=384)
   p.add_argument("--iters", type=int, default=5)
-  p.add_argument("--blocks", default="8,32,128")
+  p.add_argument("--blocks", default="16,64")
+  p.add_argument("--slow-iters", type=int, default=1, help="iterations for ragged_dot/dense_mask")
   a = p.parse_args()
   x = jnp.asarray(np.random.default_rng(1).normal(size=(a.tokens // 256, 256, a.hidden)),
                   jnp.float32)
@@ -75,7 +77,8 @@ def main() -> None:
     for name, e, k in shapes:
       cfg = moe_cfg(a.hidden, e, k, a.active, moe_matmul=mm, moe_block_size=max(block, 1),
                     moe_dispatch=dispatch, capacity_factor=1.25, eval_capacity_factor=1.25)
-      t = _time(*_step(MoE(cfg), x), a.iters)
+      iters = a.slow_iters if mm in ("ragged_dot", "dense_mask") else a.iters
+      t = _time(*_step(MoE(cfg), x), iters)
       results[(mm, block, dispatch, e)] = t
       label = f"{name} {mm}" + (f" b={block}" if block else "") + (
           " cap=1.25" if dispatch == "capacity" else "")

@@ -103,3 +103,22 @@ def test_expert_parallel_capacity_drops_per_group():
   np.testing.assert_allclose(got, jnp.concatenate(want), rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(frac, drops / (t * k), rtol=1e-6)
   assert drops > 0
+
+
+@pytest.mark.slow
+def test_token_count_not_divisible_by_shards():
+  """T = 30 tokens on 8 shards: padded with invalid tokens that take no expert capacity."""
+  rng = np.random.default_rng(3)
+  e, d, f, t, k = 8, 4, 3, 30, 2
+  kern = md.ExpertKernels(*(jnp.asarray(rng.normal(size=s), jnp.float32)
+                            for s in [(e, d, f), (e, d, f), (e, f, d)]))
+  x = jnp.asarray(rng.normal(size=(t, d)), jnp.float32)
+  idx = jnp.asarray(rng.integers(0, e, size=(t, k)), jnp.int32)
+  w = jnp.asarray(rng.random((t, k)), jnp.float32)
+  kw = dict(strategy="padded_einsum", block=2, dtype=jnp.float32)
+  want, _ = md.local_moe(x, idx, w, jnp.ones((t,), bool), kern, **kw)
+  mesh = sharding.make_mesh(dict(data=4, fsdp=1, expert=2, tensor=1))
+  with jax.set_mesh(mesh):
+    got, frac = jax.jit(lambda *a: routed_ffn(*a, **kw))(x, idx, w, kern)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  assert float(frac) == 0.0
