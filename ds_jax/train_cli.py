@@ -52,10 +52,11 @@ def train_main(argv: Sequence[str]) -> int:
   import jax
   from ds_jax import sharding
   sharding.initialize()
+  if cfg.get("task", "lm") == "multimodal":  # tri-modal alignment has its own loop
+    from ds_jax.multimodal_train import train as train_multimodal
+    train_multimodal(cfg, args.workdir)
+    return 0
   cfglib.validate(cfg, jax.device_count())  # before anything compiles
-  if cfg.get("task", "lm") != "lm":
-    from ds_jax.tasks import run_task
-    return run_task(cfg, args)
   init_params = None
   if args.init_from:
     from ds_jax.inference import load_params
