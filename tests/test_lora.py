@@ -278,6 +278,11 @@ def test_trainable_partition_grads_and_frozen_base(base):
   new = lora.combine(t, frozen)
   for x0, x1 in zip(jax.tree.leaves(lora.unload(p)), jax.tree.leaves(lora.unload(new))):
     np.testing.assert_array_equal(x0, x1)  # bit-identical base
+  rep = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(jax.devices()), ("data",)),
+                                  jax.sharding.PartitionSpec())
+  t_sh, f_sh = lora.partition_shardings(jax.tree.map(lambda _: rep, base), t, frozen, rep)
+  assert jax.tree.structure(jax.device_put(frozen, f_sh)) == jax.tree.structure(frozen)
+  assert jax.tree.structure(t_sh) == jax.tree.structure(t)
   mask = lora.trainable_mask(new)
   assert sum(jax.tree.leaves(mask)) == 4  # A and B of q and v (one scanned segment)
   assert len(jax.tree.leaves(mask)) == len(jax.tree.leaves(new))

@@ -23,6 +23,7 @@ from ds_jax.lora.config import (ALL_LINEAR, LoRAAdapter, LoraConfig, default_lor
 from ds_jax.lora.io import load_adapter, save_adapter
 from ds_jax.lora.kernel import LoraKernel, dense
 from ds_jax.lora.train import (combine, combine_or_full, count_params, count_trainable,
+                               partition_shardings,
                                lora_train_partition, split_trainable, trainable_mask,
                                tree_bytes)
 from ds_jax.lora.transforms import (active_adapter, adapter_names, add_adapter, delete_adapter,
@@ -34,7 +35,8 @@ __all__ = [
     "adapter_names", "add_adapter", "combine", "combine_or_full", "count_params",
     "count_trainable", "default_lora_config", "delete_adapter", "dense", "disable_adapters",
     "from_config_dict", "is_target", "load_adapter", "lora_kernels", "lora_train_partition",
-    "merge", "merge_and_requantize", "merge_and_unload", "save_adapter", "set_adapter",
+    "merge", "merge_and_requantize", "merge_and_unload", "partition_shardings", "save_adapter",
+    "set_adapter",
     "split_trainable", "trainable_mask", "tree_bytes", "unload", "unmerge",
 ]
 

@@ -110,3 +110,28 @@ def combine_or_full(trainable: Any, frozen: Any) -> Any:
   if isinstance(frozen, dict) and not frozen:
     return trainable
   return combine(trainable, frozen)
+
+
+def partition_shardings(param_sh: Any, trainable: dict, frozen: Any, replicated: Any
+                        ) -> tuple[Any, Any]:
+  """(trainable shardings, frozen shardings) from the plain params' sharding tree.
+
+  A wrapped base keeps its kernel's sharding; adapter arrays (small) are replicated.
+  """
+  def lookup(path):
+    node = param_sh
+    for p in path.split("/"):
+      node = node[p]
+    return node
+
+  def fn(path, leaf):
+    if leaf is None:
+      return None
+    sh = lookup(path)
+    if isinstance(leaf, LoraKernel):
+      base_sh = jax.tree.map(lambda _: sh, leaf.base)
+      return leaf.replace(base=base_sh,
+                          adapters=jax.tree.map(lambda _: replicated, leaf.adapters),
+                          merged_norm=None if leaf.merged_norm is None else replicated)
+    return jax.tree.map(lambda _: sh, leaf)
+  return jax.tree.map(lambda _: replicated, trainable), map_params(frozen, fn)
