@@ -1,6 +1,7 @@
 """Validation perplexity of the tiny MoE: float32, PTQ W4 g128, QAT W4 g128, QAT W4A8; N seeds.
 
     python scripts/quant_quality.py --seeds 0,1,2 --out runs/quant_quality
+    python scripts/quant_quality.py --sizes      # true bytes on disk per group size / grid
 
 Trains `experiments/qat_int4.py:<variant>` with ds_jax's Trainer (QAT = `quant.qat_transform` in
 `LMTask.param_transforms`), then evaluates each model both as fake-quant and as the packed
@@ -140,13 +141,40 @@ def plot(rows: list[dict], path: str) -> None:
   fig.savefig(path, dpi=120)
 
 
+def sizes() -> str:
+  """True file bytes of the int4 export of one [2, 1024, 1024] kernel per setting vs float32."""
+  import tempfile
+  from safetensors.numpy import save_file
+  w = (np.random.default_rng(0).normal(size=(2, 1024, 1024)) * 0.02).astype(np.float32)
+  params = {"layers_0": {"mlp": {"up_proj": {"kernel": jnp.asarray(w)}}}}
+  d = tempfile.mkdtemp()
+  save_file({"k": w}, f"{d}/f32.safetensors")
+  f32 = os.path.getsize(f"{d}/f32.safetensors")
+  lines = [f"float32: {f32:,} bytes", "| group | grid | scale dtype | bytes | × float32 | "
+           "bits / parameter |", "|---|---|---|---|---|---|"]
+  for g in (32, 64, 128, 0):
+    for sym, sd in ((True, "bfloat16"), (False, "bfloat16"), (True, "float32"),
+                    (False, "float32")):
+      q = quant.quant_config(4, g, symmetric=sym, scale_dtype=sd)
+      out = f"{d}/q{g}{sym}{sd}"
+      path = quant.save_packed(out, quant.quantize_params(params, q, backend="dequant"), q)
+      b = quant.file_bytes(path)
+      lines.append(f"| {g or 'per channel'} | {'sym' if sym else 'asym'} | {sd} | {b:,} | "
+                   f"{b / f32:.3f} | {8 * b / w.size:.3f} |")
+  return "\n".join(lines)
+
+
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--seeds", default="0,1,2")
   p.add_argument("--out", default="runs/quant_quality")
   p.add_argument("--steps", type=int, default=0, help="override the experiment's steps")
   p.add_argument("--smoke", action="store_true")
+  p.add_argument("--sizes", action="store_true", help="only print the on-disk size table")
   a = p.parse_args()
+  if a.sizes:
+    print(sizes())
+    return
   os.makedirs(a.out, exist_ok=True)
   rows = []
   for s in (int(x) for x in a.seeds.split(",")):
