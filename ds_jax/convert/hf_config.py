@@ -135,6 +135,8 @@ def from_hf_config(hf: dict) -> ConfigDict:
       raise UnsupportedModelError(f"config.json attention_bias: true is unsupported for "
                                   f"{family} (ds_jax GQA has no o_proj bias)")
     m.head_dim = int(hf.get("head_dim") or 0)
+    if m.head_dim * m.num_attention_heads == m.hidden_size:
+      m.head_dim = 0  # canonical: 0 means hidden_size // num_attention_heads
     if hf.get("sliding_window"):
       log.warning("config.json sliding_window=%s ignored: ds_jax attends to the full context "
                   "(identical for sequences up to the window)", hf["sliding_window"])
