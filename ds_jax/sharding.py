@@ -98,20 +98,73 @@ def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array
 def initialize() -> None:
   """Start JAX's multi-controller runtime when the environment describes several processes.
 
-  Reads DS_JAX_COORDINATOR (host:port), DS_JAX_NUM_PROCESSES and DS_JAX_PROCESS_ID; otherwise,
-  on Cloud TPU or under SLURM, `jax.distributed.initialize()` detects everything itself. A
-  single process without those variables is left alone.
+  Reads DS_JAX_COORDINATOR (host:port of process 0), DS_JAX_NUM_PROCESSES and DS_JAX_PROCESS_ID;
+  otherwise, on a Cloud TPU pod slice or under SLURM with several tasks,
+  `jax.distributed.initialize()` detects everything itself. A single process without those
+  variables is left alone. On CPU the cross-process collectives go through gloo.
   """
-  if jax.distributed.is_initialized() if hasattr(jax.distributed, "is_initialized") else False:
+  if jax.distributed.is_initialized():
     return
   coord = os.environ.get("DS_JAX_COORDINATOR")
+  slurm = "SLURM_JOB_ID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1
+  tpu_pod = os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0
+  if not (coord or slurm or tpu_pod):
+    return
+  if os.environ.get("JAX_PLATFORMS", "").startswith("cpu"):
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
   if coord:
-    jax.distributed.initialize(
-        coordinator_address=coord,
-        num_processes=int(os.environ["DS_JAX_NUM_PROCESSES"]),
-        process_id=int(os.environ["DS_JAX_PROCESS_ID"]),
-        local_device_ids=None)
-  elif "SLURM_JOB_ID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+    from ds_jax.config import ConfigError
+    try:
+      n, pid = int(os.environ["DS_JAX_NUM_PROCESSES"]), int(os.environ["DS_JAX_PROCESS_ID"])
+    except (KeyError, ValueError):
+      raise ConfigError("DS_JAX_NUM_PROCESSES", "DS_JAX_COORDINATOR is set, so "
+                        "DS_JAX_NUM_PROCESSES and DS_JAX_PROCESS_ID must be integers") from None
+    if not 0 <= pid < n:
+      raise ConfigError("DS_JAX_PROCESS_ID", f"must be in [0, DS_JAX_NUM_PROCESSES={n}); "
+                        f"got {pid}")
+    jax.distributed.initialize(coordinator_address=coord, num_processes=n, process_id=pid)
+  else:
     jax.distributed.initialize()
-  elif os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0:
-    jax.distributed.initialize()
+
+
+# ----------------------------------------------------------------------------------------------
+# Multi-process helpers: which batch rows a process owns, placing only those, host barriers.
+
+
+def process_rows(mesh: Mesh, batch_size: int) -> np.ndarray:
+  """Sorted global row indices of a `batch_size` batch that this process's devices hold."""
+  sharding = batch_sharding(mesh, 1)
+  rows = set()
+  for idx in sharding.addressable_devices_indices_map((batch_size,)).values():
+    rows.update(range(batch_size)[idx[0]])
+  return np.asarray(sorted(rows), np.int64)
+
+
+def shard_process_batch(local: dict[str, np.ndarray], mesh: Mesh,
+                        batch_size: int) -> dict[str, jax.Array]:
+  """Global arrays from the rows `process_rows(mesh, batch_size)` only (in that order).
+
+  Each process loads just its share of the batch; nothing else crosses host memory.
+  """
+  rows = process_rows(mesh, batch_size)
+  if len(rows) and not np.array_equal(rows, np.arange(rows[0], rows[0] + len(rows))):
+    raise ValueError("this process's batch rows are not contiguous; use shard_batch")
+  out = {}
+  for k, v in local.items():
+    if v.shape[0] != len(rows):
+      raise ValueError(f"{k}: this process holds {len(rows)} rows, got {v.shape[0]}")
+    out[k] = jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim), v,
+                                                    (batch_size,) + v.shape[1:])
+  return out
+
+
+def barrier(name: str, timeout_s: float = 1800.0) -> None:
+  """Wait until every process reaches `name` (no-op on one process).
+
+  Uses the coordination service, not a device collective: hosts that finish compiling at very
+  different times would otherwise hit gloo's 30 s connection timeout in the first collective.
+  """
+  if jax.process_count() == 1:
+    return
+  from jax._src import distributed
+  distributed.global_state.client.wait_at_barrier(name, int(timeout_s * 1000))
