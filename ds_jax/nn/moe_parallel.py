@@ -77,8 +77,7 @@ def _ep_body(x_TxD, idx_TxK, w_TxK, valid_T, k: md.ExpertKernels, *, n_exp: int,
                           block, dtype)
     ret = a2a(o.reshape(n_shards, n, d)).reshape(n_shards * n, d)
     o_NxD = md._slots_from_rows(ret, rows, src_R)
-  w_N = w_TxK.T.reshape(-1).astype(o_NxD.dtype)
-  y_TxD = (o_NxD * w_N[:, None]).reshape(kk, t, d).sum(0)
+  y_TxD = md.combine_slots(o_NxD, w_TxK)
   dropped = jnp.sum(valid_N & ~kept_N).astype(jnp.int32)
   return y_TxD, jax.lax.psum(dropped, batch_axes)
 
