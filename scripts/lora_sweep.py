@@ -14,7 +14,6 @@ markdown table. Uses the lead's pure `ds_jax.train.train_step` with a (trainable
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import importlib.util
 import json

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 from ml_collections import ConfigDict
