@@ -104,6 +104,12 @@ def train(cfg, workdir: str, *, progress: bool = True, init_params: Any = None) 
       state, metrics = trainer.step(state, batch)
       step += 1
       steps_since += 1
+      # Halting mode checks every step (one scalar sync), so the message names the step that
+      # went non-finite and a non-finite state is never checkpointed or trained on further.
+      if not cfg.optimizer.skip_nonfinite and int(metrics["nonfinite"]):
+        raise FloatingPointError(f"non-finite loss or gradient at step {step}; halting "
+                                 f"(optimizer.skip_nonfinite=False); last checkpoint kept in "
+                                 f"{os.path.join(workdir, 'checkpoints')}")
       log_now = step % cfg.log_every == 0 or step == cfg.steps or pre.flag
       if log_now:
         metrics = jax.device_get(metrics)
@@ -112,9 +118,6 @@ def train(cfg, workdir: str, *, progress: bool = True, init_params: Any = None) 
         row = _scalars(metrics)
         row.update(step=step, step_time_s=dt, tokens_per_s=tokens_per_step / dt,
                    mfu=fpt * tokens_per_step / dt / peak)
-        if row.get("nonfinite") and not cfg.optimizer.skip_nonfinite:
-          raise FloatingPointError(f"non-finite loss or gradient at step {step}; halting "
-                                   f"(optimizer.skip_nonfinite=False)")
         writer.write(row, arrays=_arrays(metrics))
         last = row
         if bar is not None:
