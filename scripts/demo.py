@@ -32,9 +32,13 @@ def main() -> int:
   m = out["metrics"]
   state, data = out["state"], out["data"]
   mc = out["trainer"].mc
-  print(f"\ntrained {int(m.get('step', cfg.steps))} steps in {time.time() - t:.0f} s: "
-        f"train loss {m.get('loss', float('nan')):.3f}, validation loss {m['val_loss']:.3f} "
-        f"(perplexity {m['val_ppl']:.2f} per byte), {m.get('tokens_per_s', 0):.0f} tokens/s")
+  if "loss" in m:
+    print(f"\ntrained to step {int(m['step'])} in {time.time() - t:.0f} s: train loss "
+          f"{m['loss']:.3f}, {m['tokens_per_s']:.0f} tokens/s, MFU {m['mfu']:.1%}")
+  else:
+    print(f"\nthe workdir already holds the finished run ({cfg.steps} steps)")
+  print(f"validation loss {m['val_loss']:.3f} nats/byte (perplexity {m['val_ppl']:.2f}), "
+        f"next-byte accuracy {m['val_accuracy']:.1%}")
   import jax
   params = jax.device_get(state.params)
   text = generate_text(mc, params, data.tokenizer, args.prompt, max_tokens=160,
