@@ -49,6 +49,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   except UsageError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+  except FloatingPointError as e:  # a run halted on a non-finite step (skip_nonfinite=False)
+    print(f"error: {e}", file=sys.stderr)
+    return 1
 
 
 class UsageError(Exception):
