@@ -18,6 +18,7 @@ import functools
 import importlib.util
 import json
 import os
+import pickle
 import sys
 import time
 from typing import Any, Optional
@@ -33,7 +34,7 @@ from ds_jax.models import lm
 from ds_jax.optim import make_optimizer, schedule
 from ds_jax.train import LMTask, TrainState, eval_step, train_step
 
-TARGETS = {"qv": ["q_proj", "q_b_proj", "kv_b_proj"], "all-linear": "all-linear",
+TARGETS = {"qv": ["q_proj", "q_b_proj", "kv_b_proj"], "all-linear": ["all-linear"],
            "experts": ["experts"]}
 
 
@@ -111,11 +112,18 @@ def main(argv=None) -> int:
   sfx = ",smoke" if a.smoke else ""
   rows_path = os.path.join(a.out, "results.jsonl")
   pre_cfg = load_experiment("pretrain" + sfx)
-  params = lm.init(model_config(pre_cfg.model), jax.random.key(0))
-  row, params = run(pre_cfg, params, 0)
-  params = lora.unload(params) if lora.lora_kernels(params) else params
-  rows = [dict(row, run="pretrain")]
-  print(json.dumps(rows[-1]), flush=True)
+  pre_path = os.path.join(a.out, "pretrained.pkl")
+  if os.path.exists(pre_path):  # reuse the pre-trained weights of an earlier sweep in --out
+    with open(pre_path, "rb") as f:
+      params = jax.tree.map(jnp.asarray, pickle.load(f))
+    rows = []
+  else:
+    params = lm.init(model_config(pre_cfg.model), jax.random.key(0))
+    row, params = run(pre_cfg, params, 0)
+    with open(pre_path, "wb") as f:
+      pickle.dump(jax.tree.map(np.asarray, params), f)
+    rows = [dict(row, run="pretrain")]
+    print(json.dumps(rows[-1]), flush=True)
   variants = [("full", None)]
   for t in a.targets.split(","):
     for r in map(int, a.ranks.split(",")):
@@ -133,7 +141,7 @@ def main(argv=None) -> int:
       row, _ = run(cfg, params, seed, lc, adir if lc else "")
       rows.append(dict(row, run=name))
       print(json.dumps(rows[-1]), flush=True)
-  with open(rows_path, "w") as f:
+  with open(rows_path, "a") as f:
     for r in rows:
       f.write(json.dumps(r) + "\n")
   print(table(rows))
@@ -143,6 +151,8 @@ def main(argv=None) -> int:
 def table(rows: list[dict]) -> str:
   """Markdown summary: mean ± std over seeds; LoRA improvement as % of full fine-tuning's."""
   full = {r["seed"]: r["improvement"] for r in rows if r["run"] == "full"}
+  if not full:
+    return "(no full fine-tuning run to compare with)"
   by: dict[str, list[dict]] = {}
   for r in rows:
     if r["run"] != "pretrain":
