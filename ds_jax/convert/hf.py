@@ -256,7 +256,7 @@ def load_pretrained(path: str, scan_layers: bool = True, as_numpy: bool = False
       if tuple(got) != tuple(want):
         raise ShapeMismatchError(f"tensor {e.hf!r} has shape {list(got)} but config.json "
                                  f"({e.fields}) implies {list(want)}")
-      buf[e.index] = hp.to_ds(e, ckpt.read(e.hf), shape[len(e.index):])
+      hp.fill_ds(e, ckpt.read(e.hf), buf[e.index])
     _set(params, p, buf if as_numpy else jax.device_put(buf))
     del buf
   return mc, params

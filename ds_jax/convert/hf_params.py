@@ -40,13 +40,14 @@ def hf_shape(e: Entry, ds_shape: tuple[int, ...]) -> tuple[int, ...]:
   return tuple(ds_shape)
 
 
-def to_ds(e: Entry, w: np.ndarray, ds_shape: tuple[int, ...]) -> np.ndarray:
-  """HF tensor -> ds_jax slice (float32)."""
+def fill_ds(e: Entry, w: np.ndarray, dest: np.ndarray) -> None:
+  """Write HF tensor `w` into the ds_jax slice `dest` (a contiguous view), converting to its
+  dtype in the same pass: no transposed copy of the tensor is made."""
   if e.cols is not None:
     w = w[e.cols]
   if e.kind == "linear":
     w = w.T
-  return np.asarray(w, np.float32).reshape(ds_shape)
+  np.copyto(dest.reshape(w.shape), w, casting="unsafe")
 
 
 def to_hf(e: Entry, x: np.ndarray) -> np.ndarray:
