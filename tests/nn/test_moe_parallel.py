@@ -51,9 +51,9 @@ def _compare(cfg, mesh_sizes):
 
 
 @pytest.mark.parametrize("sizes", [
-    dict(data=4, fsdp=1, expert=2, tensor=1),
+    pytest.param(dict(data=4, fsdp=1, expert=2, tensor=1), marks=pytest.mark.slow),
     dict(data=1, fsdp=2, expert=4, tensor=1),
-    dict(data=1, fsdp=1, expert=8, tensor=1),
+    pytest.param(dict(data=1, fsdp=1, expert=8, tensor=1), marks=pytest.mark.slow),
 ])
 def test_expert_parallel_equals_one_device(sizes):
   _compare(CFG, sizes)
@@ -68,6 +68,7 @@ def test_other_meshes_equal_one_device(sizes):
   _compare(CFG.replace(moe_matmul="ragged_dot"), sizes)
 
 
+@pytest.mark.slow
 def test_expert_parallel_capacity_layout():
   """The GShard [E, C, D] exchange: huge capacity equals dropless on one device."""
   cfg = CFG.replace(moe_dispatch="capacity", capacity_factor=8.0)
