@@ -153,8 +153,6 @@ def test_nan_batch_is_skipped_and_counted():
                                                       jax.tree.leaves(moved)))
 
 
-@pytest.mark.xfail(strict=True, raises=FloatingPointError,
-                   reason="cli.main does not yet turn FloatingPointError into one line, exit 3")
 def test_nonfinite_halt_names_step_cli(tmp_path, capsys):
   """skip_nonfinite=False: an exploding learning rate makes step 2 non-finite; the CLI halts with
   one line naming step 2, a non-zero exit code, and only the finite step-1 checkpoint on disk."""
