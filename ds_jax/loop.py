@@ -94,6 +94,10 @@ def train(cfg, workdir: str, *, progress: bool = True, init_params: Any = None) 
   step = start
   t_last = time.perf_counter()
   steps_since = 0
+  if jax.process_count() > 1:  # hosts finish compiling at different times; gloo times out at 30 s
+    with jax.set_mesh(mesh):
+      trainer.train_step.lower(state, shd.shard_batch(data.batch(start), mesh)).compile()
+    shd.barrier("ds_jax_compiled")
   # Test hook: a pause per step widens the window in which tests kill a run (never set in use).
   delay = float(os.environ.get("DS_JAX_TEST_STEP_DELAY", "0"))
   with _Preempted() as pre:

@@ -173,8 +173,13 @@ def validate(cfg: ConfigDict, n_devices: int) -> ModelConfig:
       raise ConfigError("model.vocab_size", f"the byte tokenizer needs >= 259 ids; got "
                         f"{m.vocab_size}")
     if cfg.data.source == "files":
-      if not cfg.data.path or not glob.glob(os.path.expanduser(cfg.data.path), recursive=True):
-        raise ConfigError("data.path", f"no files match {cfg.data.path!r}")
+      pattern = os.path.expanduser(cfg.data.path) if cfg.data.path else ""
+      files = [p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p)] if pattern else []
+      if not files:
+        hint = (f"; for a directory use {os.path.join(cfg.data.path, '*.txt')!r}"
+                if pattern and os.path.isdir(pattern) else "")
+        raise ConfigError("data.path", f"no files match {cfg.data.path!r}; expected a glob of "
+                          f".txt, .md or .jsonl files{hint}")
   _positive("checkpoint.keep", cfg.checkpoint.keep)
   _positive("checkpoint.every_steps", cfg.checkpoint.every_steps)
   return m

@@ -118,8 +118,6 @@ def test_invalid_command_line(argv, expect, capsys, tmp_path):
     assert text in line, line
 
 
-@pytest.mark.xfail(strict=True, raises=FileNotFoundError,
-                   reason="config.validate accepts a directory as data.path (fix proposed)")
 def test_data_directory_without_text(capsys, tmp_path):
   """An existing but empty data directory is refused up front, not by a traceback later."""
   empty = tmp_path / "corpus"
