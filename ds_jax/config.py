@@ -97,7 +97,7 @@ def model_defaults() -> ConfigDict:
   m.capacity_factor = 1.25
   m.eval_capacity_factor = 2.0
   m.moe_matmul = "auto"
-  m.moe_block_size = 8
+  m.moe_block_size = 64
   # DeepSeek-V3 multi-token prediction.
   m.num_nextn_predict_layers = 0
   m.mtp_loss_weight = 0.3
@@ -288,7 +288,7 @@ class ModelConfig:
   capacity_factor: float = 1.25
   eval_capacity_factor: float = 2.0
   moe_matmul: str = "auto"
-  moe_block_size: int = 8
+  moe_block_size: int = 64
   num_nextn_predict_layers: int = 0
   mtp_loss_weight: float = 0.3
   dtype: str = "float32"

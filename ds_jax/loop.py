@@ -76,10 +76,7 @@ def train(cfg, workdir: str, *, progress: bool = True, init_params: Any = None) 
   mngr = ckpt.manager(workdir, cfg.checkpoint.keep, cfg.checkpoint.async_save)
   start, state = ckpt.restore_latest(mngr, trainer.abstract_state)
   if state is None:
-    state, start = trainer.init_state(), 0
-    if init_params is not None:
-      params = jax.device_put(init_params, trainer.param_sh)
-      state = state.replace(params=params, opt_state=trainer.tx.init(params))
+    state, start = trainer.init_state(init_params), 0
   elif is_main:
     print(f"resumed from step {start} in {workdir}", flush=True)
   tokens_per_step = cfg.batch_size * cfg.seq_len
@@ -150,6 +147,10 @@ def train(cfg, workdir: str, *, progress: bool = True, init_params: Any = None) 
   writer.close()
   if is_main:
     plot_run(workdir)
+    if trainer.lora_on:  # adapter-only checkpoint beside the full one
+      from ds_jax import lora
+      lora.save_adapter(os.path.join(workdir, "adapter"), jax.device_get(
+          trainer.full_params(state)), cfg.lora.adapter_name)
   last["workdir"] = workdir
   last["preempted"] = pre.flag
   return {"metrics": last, "state": state, "trainer": trainer, "data": data}

@@ -161,7 +161,8 @@ def eval_step(state: TrainState, batch: dict, *, task: LMTask) -> dict:
 # Sharded initialisation and compilation.
 
 
-def state_shardings(abstract_state: TrainState, param_sh: Any, mesh: Mesh) -> TrainState:
+def state_shardings(abstract_state: TrainState, param_sh: Any, mesh: Mesh,
+                    frozen_sh: Any = None) -> TrainState:
   """Optimizer-state subtrees shaped like the params get the params' shardings; rest replicated."""
   treedef = jax.tree.structure(abstract_state.params)
   rep = NamedSharding(mesh, P())
@@ -174,25 +175,47 @@ def state_shardings(abstract_state: TrainState, param_sh: Any, mesh: Mesh) -> Tr
 
   opt_sh = jax.tree.map(lambda x: param_sh if is_params_like(x) else rep,
                         abstract_state.opt_state, is_leaf=is_params_like)
-  frozen_sh = jax.tree.map(lambda _: rep, abstract_state.frozen)
+  if frozen_sh is None:
+    frozen_sh = jax.tree.map(lambda _: rep, abstract_state.frozen)
   return TrainState(step=rep, params=param_sh, opt_state=opt_sh, frozen=frozen_sh, skipped=rep)
 
 
 class Trainer:
-  """Builds the optimizer, sharded state and the jitted steps for one config on one mesh."""
+  """Builds the optimizer, sharded state and the jitted steps for one config on one mesh.
+
+  Config sections beyond the LM itself plug in here, not in the step: `config.quant` (enabled:
+  QAT fake-quant of weights and activations from `quant.start_step`) adds a parameter transform;
+  `config.lora` (enabled: only adapters are trained) splits the parameters into the trained
+  adapters and the frozen base.
+  """
 
   def __init__(self, cfg, mc: ModelConfig, mesh: Mesh, task: Optional[LMTask] = None):
     self.cfg, self.mc, self.mesh = cfg, mc, mesh
     self.task = task or LMTask(cfg, mc)
     self.base_rng = jax.random.key(cfg.seed)
+    qsec, lsec = cfg.get("quant"), cfg.get("lora")
+    self.quant_on = qsec is not None and bool(qsec.get("enabled", False))
+    self.lora_on = lsec is not None and bool(lsec.get("enabled", False))
+    if self.quant_on:
+      from ds_jax import quant
+      self.task.param_transforms.append(quant.qat_transform(quant.from_config(qsec)))
+    if self.lora_on:
+      from ds_jax import lora
+      self.task.combine = lora.combine
     with jax.set_mesh(mesh):
       boxed = jax.eval_shape(self.task.init, self.init_rng)
     self.param_sh = shd.param_shardings(boxed, mesh)
-    abstract_params = nn.unbox(boxed)
-    self.tx = make_optimizer(cfg.optimizer, cfg.steps, abstract_params)
+    abstract_trainable, _ = jax.eval_shape(self.partition, nn.unbox(boxed))
+    self.tx = make_optimizer(cfg.optimizer, cfg.steps, abstract_trainable)
     self.lr_fn = schedule(cfg.optimizer, cfg.steps)
     abstract = jax.eval_shape(self._init_state, self.init_rng)
-    self.state_sh = state_shardings(abstract, self.param_sh, mesh)
+    rep = NamedSharding(mesh, P())
+    if self.lora_on:
+      from ds_jax import lora
+      t_sh, f_sh = lora.partition_shardings(self.param_sh, abstract.params, abstract.frozen, rep)
+    else:
+      t_sh, f_sh = self.param_sh, jax.tree.map(lambda _: rep, abstract.frozen)
+    self.state_sh = state_shardings(abstract, t_sh, mesh, f_sh)
     self.abstract_state = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, self.state_sh)
     self.batch_sh = shd.batch_sharding(mesh)
@@ -209,16 +232,33 @@ class Trainer:
   def init_rng(self) -> jax.Array:
     return jax.random.fold_in(self.base_rng, 0)
 
-  def _init_state(self, rng) -> TrainState:
-    params = nn.unbox(self.task.init(rng))
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=self.tx.init(params), frozen={},
+  def partition(self, params: Any) -> tuple[Any, Any]:
+    """(trained, frozen) parameters: everything trained, or only the LoRA adapters."""
+    if not self.lora_on:
+      return params, {}
+    from ds_jax import lora
+    return lora.lora_train_partition(params, self.cfg.lora, jax.random.fold_in(self.base_rng, 2))
+
+  def _state_from(self, params: Any) -> TrainState:
+    trained, frozen = self.partition(params)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=trained,
+                      opt_state=self.tx.init(trained), frozen=frozen,
                       skipped=jnp.zeros((), jnp.int32))
 
-  def init_state(self) -> TrainState:
-    """Parameters created already sharded (no host-side full copy)."""
+  def _init_state(self, rng) -> TrainState:
+    return self._state_from(nn.unbox(self.task.init(rng)))
+
+  def init_state(self, params: Any = None) -> TrainState:
+    """A fresh state created already sharded; from `params` (e.g. `--init-from`) if given."""
     with jax.set_mesh(self.mesh):
-      return jax.jit(self._init_state, out_shardings=self.state_sh)(self.init_rng)
+      if params is None:
+        return jax.jit(self._init_state, out_shardings=self.state_sh)(self.init_rng)
+      params = jax.device_put(params, self.param_sh)
+      return jax.jit(self._state_from, out_shardings=self.state_sh)(params)
+
+  def full_params(self, state: TrainState) -> Any:
+    """The model's parameters (adapters combined with their base) of a state."""
+    return self.task.combine(state.params, state.frozen)
 
   def step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     with jax.set_mesh(self.mesh):
