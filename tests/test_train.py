@@ -104,3 +104,54 @@ def test_nonfinite_step_is_skipped():
   after = jax.device_get(state.params)
   for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
     np.testing.assert_array_equal(a, b)
+
+
+def test_lora_config_trains_only_adapters():
+  from ds_jax.lora import default_lora_config
+  cfg = tiny_cfg()
+  cfg.mesh.update(dict(data=2, fsdp=1, expert=1, tensor=1))
+  with cfg.unlocked():
+    cfg.lora = default_lora_config()
+  cfg.lora.enabled = True
+  cfg.lora.r = 4
+  tr = _trainer(cfg, jax.devices()[:2])
+  state = tr.init_state()
+  base0 = jax.device_get(state.frozen)
+  n_trained = sum(x.size for x in jax.tree.leaves(state.params))
+  n_total = sum(x.size for x in jax.tree.leaves(tr.full_params(state)))
+  assert 0 < n_trained < 0.1 * n_total
+  # Adam's moments exist for the adapters only.
+  n_opt = sum(x.size for x in jax.tree.leaves(state.opt_state) if x.ndim > 0)
+  assert n_opt == 2 * n_trained
+  p0 = jax.device_get(state.params)
+  data = TextData(cfg)
+  for s in range(2):
+    state, m = tr.step(state, data.batch(s))
+  for a, b in zip(jax.tree.leaves(base0), jax.tree.leaves(jax.device_get(state.frozen))):
+    np.testing.assert_array_equal(a, b)
+  moved = [float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(p0),
+                                                      jax.tree.leaves(jax.device_get(state.params)))]
+  assert max(moved) > 0
+
+
+def test_quant_config_switches_on_qat_at_start_step():
+  from ds_jax.quant import default_quant_config
+
+  def first_losses(quant):
+    cfg = tiny_cfg()
+    cfg.mesh.update(dict(data=1, fsdp=1, expert=1, tensor=1))
+    if quant:
+      with cfg.unlocked():
+        cfg.quant = default_quant_config()
+      cfg.quant.enabled = True
+      cfg.quant.start_step = 1
+      cfg.quant.group_size = 32
+    tr = _trainer(cfg, jax.devices()[:1])
+    state, data, out = tr.init_state(), TextData(cfg), []
+    for s in range(2):
+      state, m = tr.step(state, data.batch(s))
+      out.append(float(m["loss"]))
+    return out
+  fp, q = first_losses(False), first_losses(True)
+  assert fp[0] == q[0]  # before start_step: float
+  assert fp[1] != q[1]  # from start_step on: fake-quantized weights and activations
