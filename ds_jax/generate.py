@@ -82,25 +82,27 @@ def decode(mc: ModelConfig, params: Any, logits_BxV: jax.Array, cache: KVCache,
   TRACES["decode"] += 1
   b = logits_BxV.shape[0]
 
+  def is_stop(tok_B):
+    return jnp.any(tok_B[:, None] == stop_ids[None, :], axis=-1)
+
   def cond(state):
     i, _, done, _, _ = state
-    return (i < max_new) & ~jnp.all(done)
+    return (i < max_new - 1) & ~jnp.all(done)
 
-  def body(state):
-    i, out, done, logits, cache = state
-    tok = sample_logits(logits, jax.random.fold_in(rng, i), temperature, top_k, top_p)
+  def body(state):  # feed token i, sample token i + 1 (no forward after the last token)
+    i, out, done, tok, cache = state
+    logits, cache = forward(mc, params, tok[:, None], (lengths_B + i)[:, None], cache, start + i)
+    tok = sample_logits(logits[:, 0], jax.random.fold_in(rng, i + 1), temperature, top_k, top_p)
     tok = jnp.where(done, pad_id, tok)
-    out = jax.lax.dynamic_update_index_in_dim(out, tok, i, axis=1)
-    done = done | jnp.any(tok[:, None] == stop_ids[None, :], axis=-1)
-    pos = (lengths_B + i)[:, None]
-    logits, cache = forward(mc, params, tok[:, None], pos, cache, start + i)
-    return i + 1, out, done, logits[:, 0], cache
+    out = jax.lax.dynamic_update_index_in_dim(out, tok, i + 1, axis=1)
+    return i + 1, out, done | is_stop(tok), tok, cache
 
-  out = jnp.full((b, max_new), pad_id, jnp.int32)
-  state = (jnp.int32(0), out, jnp.zeros((b,), bool), logits_BxV, cache)
+  tok = sample_logits(logits_BxV, jax.random.fold_in(rng, 0), temperature, top_k, top_p)
+  out = jnp.full((b, max_new), pad_id, jnp.int32).at[:, 0].set(tok)
+  state = (jnp.int32(0), out, is_stop(tok), tok, cache)
   _, out, _, _, _ = jax.lax.while_loop(cond, body, state)
-  is_stop = jnp.any(out[:, :, None] == stop_ids[None, None, :], axis=-1)
-  n = jnp.where(jnp.any(is_stop, axis=1), jnp.argmax(is_stop, axis=1), max_new)
+  stops_BxN = jnp.any(out[:, :, None] == stop_ids[None, None, :], axis=-1)
+  n = jnp.where(jnp.any(stops_BxN, axis=1), jnp.argmax(stops_BxN, axis=1), max_new)
   return out, n.astype(jnp.int32)
 
 

@@ -18,6 +18,7 @@ with the cache in the carry, updated by `dynamic_update_slice` (in place inside 
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import flax
@@ -66,9 +67,11 @@ def init_cache(mc: ModelConfig, batch: int, length: int) -> KVCache:
 
 
 def cache_bytes_per_token(mc: ModelConfig, cache: KVCache) -> float:
-  """Bytes of the layers' cached arrays per token slot (the shared positions row excluded)."""
+  """Bytes of the layers' cached arrays per token slot (the shared positions row excluded);
+  works on concrete arrays and on `jax.eval_shape` results."""
   b, s = cache.positions.shape
-  return sum(a.nbytes for a in jax.tree.leaves(cache.layers)) / (b * s)
+  return sum(math.prod(a.shape) * jnp.dtype(a.dtype).itemsize
+             for a in jax.tree.leaves(cache.layers)) / (b * s)
 
 
 def _write(buf_BxSx: jax.Array, new_BxTx: jax.Array, index: jax.Array) -> jax.Array:
