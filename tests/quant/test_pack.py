@@ -52,7 +52,7 @@ def kernels(rng, stack=(2,), k=256, n=(512,)):
 
 
 @pytest.mark.parametrize("bits,group,symmetric,scale_dtype", [
-    (4, 128, True, "bfloat16"), (4, 32, False, "float32"), (8, 0, True, "bfloat16")])
+    (4, 32, False, "float32"), (8, 0, True, "bfloat16")])  # g16 sym bf16: test_matmul
 def test_save_load_round_trip(tmp_path, bits, group, symmetric, scale_dtype):
   params = kernels(np.random.default_rng(1))
   qcfg = quant.quant_config(bits, group, symmetric=symmetric, scale_dtype=scale_dtype)
