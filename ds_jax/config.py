@@ -131,6 +131,11 @@ def base_config() -> ConfigDict:
       tfds_validation_split="test"))
   c.mesh = ConfigDict(dict(data=-1, fsdp=1, expert=1, tensor=1))
   c.checkpoint = ConfigDict(dict(every_steps=100, keep=3, async_save=False))
+  # Optional parts, off by default: QAT fake-quant (docs/quant.md), LoRA adapters (docs/lora.md).
+  from ds_jax.lora.config import default_lora_config
+  from ds_jax.quant.config import default_quant_config
+  c.quant = default_quant_config()
+  c.lora = default_lora_config()
   return c
 
 

@@ -59,7 +59,7 @@ def train_main(argv: Sequence[str]) -> int:
   cfglib.validate(cfg, jax.device_count())  # before anything compiles
   init_params = None
   if args.init_from:
-    from ds_jax.inference import load_params
+    from ds_jax.convert.cli import load_params  # converted (W/params) or trained workdirs
     init_params = load_params(args.init_from)
   from ds_jax.loop import train
   out = train(cfg, args.workdir, progress=not args.no_progress, init_params=init_params)
@@ -94,6 +94,9 @@ def eval_main(argv: Sequence[str]) -> int:
   trainer = Trainer(cfg, mc, mesh)
   mngr = ckpt.manager(args.workdir, cfg.checkpoint.keep)
   step, state = ckpt.restore_latest(mngr, trainer.abstract_state)
+  if state is None and os.path.isdir(os.path.join(args.workdir, "params")):
+    from ds_jax.convert.cli import load_params  # a workdir written by `ds-jax convert`
+    step, state = 0, trainer.init_state(load_params(args.workdir))
   if state is None:
     from ds_jax.cli import UsageError
     raise UsageError(f"--workdir {args.workdir}: no checkpoint to evaluate")
