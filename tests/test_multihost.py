@@ -74,6 +74,7 @@ def _check(tmp_path, steps):
     np.testing.assert_allclose(got[k], v, rtol=0, atol=1e-5, err_msg=k)
 
 
+@pytest.mark.slow  # ~60-120 s on 2 cores: two processes compile the MoE step
 def test_two_processes_equal_one(tmp_path):
   _check(tmp_path, steps=2)
 

@@ -75,7 +75,7 @@ def test_accumulation_equals_large_batch():
 def test_loss_falls_on_corpus(tmp_path):
   cfg = tiny_cfg()
   cfg.steps = 40
-  cfg.log_every = 10
+  cfg.log_every = 1
   cfg.optimizer.learning_rate = 1e-2
   cfg.optimizer.warmup_steps = 5
   cfg.checkpoint.every_steps = 40

@@ -1,3 +1,4 @@
+import pytest
 """TriModal: embeddings computed alone (no leakage), CMAA reads the other modality, pairing modes."""
 
 import jax
@@ -56,6 +57,7 @@ def _grads(pairs, cmaa=True):
   return loss, aux, g, norm
 
 
+@pytest.mark.slow  # ~70 s: three pairing modes, each a separate gradient compile
 def test_pairing_modes_route_gradients():
   loss, aux, g, norm = _grads(mm.ALL_PAIRS)
   assert np.isfinite(float(loss)) and "audio_text/cmaa_bce" in aux
