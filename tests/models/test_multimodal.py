@@ -1,7 +1,7 @@
-import pytest
 """TriModal: embeddings computed alone (no leakage), CMAA reads the other modality, pairing modes."""
 
 import jax
+import pytest
 import jax.numpy as jnp
 import numpy as np
 
