@@ -22,12 +22,20 @@ class CheckpointError(RuntimeError):
   pass
 
 
-def manager(workdir: str, keep: int = 3, async_save: bool = False) -> ocp.CheckpointManager:
+def checkpoint_dir(workdir: str, directory: str = "") -> str:
+  """`directory` if set (a local path or a URL orbax understands, e.g. gs://bucket/run), else
+  `<workdir>/checkpoints`."""
+  if directory:
+    return directory if "://" in directory else os.path.abspath(directory)
+  return os.path.abspath(os.path.join(workdir, "checkpoints"))
+
+
+def manager(workdir: str, keep: int = 3, async_save: bool = False,
+            directory: str = "") -> ocp.CheckpointManager:
   opts = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                       enable_async_checkpointing=async_save,
                                       cleanup_tmp_directories=True)
-  return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")),
-                               options=opts)
+  return ocp.CheckpointManager(checkpoint_dir(workdir, directory), options=opts)
 
 
 def _finite(state: Any) -> bool:

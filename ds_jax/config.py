@@ -130,7 +130,8 @@ def base_config() -> ConfigDict:
       validation_fraction=0.1, include="", exclude="", tfds_split="train",
       tfds_validation_split="test"))
   c.mesh = ConfigDict(dict(data=-1, fsdp=1, expert=1, tensor=1))
-  c.checkpoint = ConfigDict(dict(every_steps=100, keep=3, async_save=False))
+  # directory: "" keeps checkpoints in <workdir>/checkpoints; or e.g. "gs://bucket/run" (orbax).
+  c.checkpoint = ConfigDict(dict(every_steps=100, keep=3, async_save=False, directory=""))
   # Optional parts, off by default: QAT fake-quant (docs/quant.md), LoRA adapters (docs/lora.md).
   from ds_jax.lora.config import default_lora_config
   from ds_jax.quant.config import default_quant_config

@@ -73,7 +73,8 @@ def train(cfg, workdir: str, *, progress: bool = True, init_params: Any = None) 
   is_main = jax.process_index() == 0
   if is_main:
     ckpt.write_config(workdir, cfg.to_dict())
-  mngr = ckpt.manager(workdir, cfg.checkpoint.keep, cfg.checkpoint.async_save)
+  mngr = ckpt.manager(workdir, cfg.checkpoint.keep, cfg.checkpoint.async_save,
+                      cfg.checkpoint.get("directory", ""))
   start, state = ckpt.restore_latest(mngr, trainer.abstract_state)
   if state is None:
     state, start = trainer.init_state(init_params), 0

@@ -92,7 +92,8 @@ def eval_main(argv: Sequence[str]) -> int:
   mc = cfglib.validate(cfg, jax.device_count())
   mesh = shd.make_mesh(cfglib.mesh_shape(cfg, jax.device_count()))
   trainer = Trainer(cfg, mc, mesh)
-  mngr = ckpt.manager(args.workdir, cfg.checkpoint.keep)
+  mngr = ckpt.manager(args.workdir, cfg.checkpoint.keep,
+                      directory=cfg.checkpoint.get("directory", ""))
   step, state = ckpt.restore_latest(mngr, trainer.abstract_state)
   if state is None and os.path.isdir(os.path.join(args.workdir, "params")):
     from ds_jax.convert.cli import load_params  # a workdir written by `ds-jax convert`
