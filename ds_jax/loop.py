@@ -150,7 +150,7 @@ def train(cfg, workdir: str, *, progress: bool = True, init_params: Any = None) 
     plot_run(workdir)
     if trainer.lora_on:  # adapter-only checkpoint beside the full one
       from ds_jax import lora
-      lora.save_adapter(os.path.join(workdir, "adapter"), jax.device_get(
+      lora.save_adapter(os.path.join(workdir, "adapters", cfg.lora.adapter_name), jax.device_get(
           trainer.full_params(state)), cfg.lora.adapter_name)
   last["workdir"] = workdir
   last["preempted"] = pre.flag
