@@ -1,6 +1,7 @@
 """Whole train step of `bench_dsv2_tiny`: ds_jax vs transformers' PyTorch DeepseekV2ForCausalLM.
 
   python scripts/bench_train.py [--steps 20] [--threads 2] [--config experiments/bench_dsv2_tiny.py]
+                                [--skip-torch] [--config.model.moe_dispatch=capacity ...]
 
 Both sides run forward + backward + AdamW on the same shape, batch and sequence, float32, one
 process, `--threads` CPU threads, in this one run; the machine's f32 matmul peak is measured in
@@ -96,12 +97,13 @@ def main() -> int:
   p.add_argument("--steps", type=int, default=20)
   p.add_argument("--threads", type=int, default=2)
   p.add_argument("--skip-torch", action="store_true")
-  args = p.parse_args()
+  args, rest = p.parse_known_args()
+  overrides = [a[2:] for a in rest if a.startswith("--config.")]
   _set_threads(args.threads)
   from ds_jax import analysis
   from ds_jax import config as cfglib
   from ds_jax.metrics import measure_peak_flops
-  cfg = cfglib.load_config(args.config)
+  cfg = cfglib.load_config(args.config, overrides)
   mc = cfglib.model_config(cfg.model)
   tokens = cfg.batch_size * cfg.seq_len
   fpt = analysis.flops_per_token(mc, cfg.seq_len)["train"]
