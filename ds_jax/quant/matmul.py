@@ -136,7 +136,18 @@ class PackedKernel:
       if self.act_bits:
         x = fake_quant_tokens(x, self.act_bits, axes)
       return jnp.einsum(equation, x.astype(dtype), self.dequantize(dtype))
+    if not self._int_dot_fits(xt, kt, ot, axes):
+      # e.g. MLA's absorbed decode contracts kv_b_proj over its *output* axes: no single-K int8
+      # dot exists, so dequantize for this use (same numbers as the dequant backend).
+      if self.act_bits:
+        x = fake_quant_tokens(x, self.act_bits, axes)
+      return jnp.einsum(equation, x.astype(dtype), self.dequantize(dtype))
     return self._int_einsum(xt, kt, ot, axes, x).astype(dtype)
+
+  def _int_dot_fits(self, xt, kt, ot, axes) -> bool:
+    kk = kt[-len(self.out_dims) - 1]
+    return (kk in xt and axes == [xt.index(kk) - len(xt)]
+            and all(t in ot for t in kt if t != kk))
 
   def _int_einsum(self, xt, kt, ot, axes, x):
     n_out = len(self.out_dims)
