@@ -8,6 +8,11 @@ dense layer), 200 steps of 8 x 128 byte tokens. MoE: 8 routed experts (width 96)
 - moe:                the MoE model.
 - dense_equal_active: SwiGLU width 288 — the same FFN FLOPs per token (router aside).
 - dense_equal_total:  SwiGLU width 864 — the same FFN parameters, 3x the FFN FLOPs.
+Counts from ds_jax.analysis.count_params (active excludes the embedding table, includes the head):
+  moe                 total 1,579,008  active   661,120  train 4.75 MFLOPs/token
+  dense_equal_active  total   690,176  active   657,024  train 4.72 MFLOPs/token
+  dense_equal_total   total 1,574,912  active 1,541,760  train 10.03 MFLOPs/token
+(the MoE's extra 4,096 are its routers.)
 Expected runtime on 2 free CPU cores: ~1-2 min per run, under 20 min for 3 seeds.
 What it can show at this scale: whether MoE beats dense at equal compute on a 200-step byte-level
 run; it cannot show the large-scale picture (expert specialisation needs far more tokens).

@@ -7,6 +7,12 @@ tokens. Every MoE layer stores E x F = 768 of expert width and a token uses k x 
 - coarse_4x1:  4 experts of width 192, top-1.
 - medium_8x2:  8 experts of width 96, top-2.
 - fine_16x4:  16 experts of width 48, top-4 (DeepSeekMoE-style segmentation).
+Counts from ds_jax.analysis.count_params (they differ only by the routers, 1,536 / 3,072 / 6,144):
+  coarse_4x1  total 1,281,536  active 584,832;  medium_8x2  total 1,283,072  active 586,368;
+  fine_16x4   total 1,286,144  active 589,440.
+Note: with top-1 the DeepSeek-V2 router does not renormalise, so coarse_4x1 scales its one
+expert's output by that expert's softmax probability (< 1), while the top-2/top-4 arms renormalise
+their weights to sum to 1 (norm_topk_prob, as in tiny_moe). That is part of what "top-1" means here.
 Expected runtime on 2 free CPU cores: under 20 min for 3 seeds. At this scale it can show whether
 finer segmentation helps quality at equal compute and what it costs in tokens/s on CPU; it
 cannot reproduce the large-scale gains reported by DeepSeekMoE.
