@@ -1,14 +1,25 @@
-"""LoRA vs full fine-tuning on held-out pydoc topics: pre-train, adapt, compare (issue 7).
+"""LoRA vs full fine-tuning on held-out pydoc topics: pre-train, tune LRs, adapt (issue 7.6).
 
-  python scripts/lora_sweep.py --out runs/lora_sweep --seeds 0,1,2 [--ranks 1,4,8,64]
-                               [--targets qv,all-linear,experts] [--smoke]
+  python scripts/lora_sweep.py --out runs/lora_sweep --phase tune            # seed 0, dev split
+  python scripts/lora_sweep.py --out runs/lora_sweep --phase sweep --seeds 0,1,2 \
+      --full-lr <chosen> --lora-lr <chosen>                                  # test split
+  python scripts/lora_sweep.py --out runs/lora_sweep --phase pretrain --seeds 1,2  # bases only
+  python scripts/lora_sweep.py --out /tmp/lora_smoke --phase tune --smoke    # functional check
 
-Phases: (1) pre-train the tiny MoE of experiments/lora_moe.py on the topics outside the held-out
-domain (once, seed 0); (2) for every seed, full fine-tuning and LoRA variants on the held-out
-topics from the same pre-trained weights. Reported per run: held-out validation loss before /
-after, its improvement, the fraction of the full fine-tuning improvement, trainable parameters,
-optimizer-state bytes, adapter file bytes, wall time. Writes `<out>/results.jsonl` and prints a
-markdown table. Uses the lead's pure `ds_jax.train.train_step` with a (trainable, frozen) split.
+Model and pre-training data: experiments/lora_moe.py. Per seed s the MoE is pre-trained once
+(init and data order from s) on the topics outside the held-out domain and cached in
+`<out>/pretrained_s<s>.pkl`; every fine-tune of that seed starts from it.
+
+The held-out domain (14 topics) is cut into pieces of PIECE characters; a fixed permutation
+(independent of the seed) puts 70% of them in *train*, 10% in *dev* and 20% in *test*. The tune
+phase trains on train and scores each learning rate by the dev loss after training; the sweep
+phase uses the chosen learning rates for every seed and reports the test loss. The test split
+is never used to choose anything.
+
+Per run: loss before / after on dev and test, test improvement, trainable parameters and their
+fraction of the model's (base) parameters, optimizer-state bytes, adapter-file bytes, seconds.
+Rows go to `<out>/results.jsonl` (one JSON per line, with `phase`); `--table` prints the
+markdown summary of a results file.
 """
 
 from __future__ import annotations
@@ -19,6 +30,7 @@ import importlib.util
 import json
 import os
 import pickle
+import re
 import sys
 import time
 from typing import Any, Optional
@@ -29,13 +41,26 @@ import numpy as np
 
 from ds_jax import lora
 from ds_jax.config import model_config
-from ds_jax.data.text import TextData
+from ds_jax.data.text import (PackedText, TextData, pydoc_topics, tokenize_documents)
+from ds_jax.data.tokenizer import get_tokenizer
 from ds_jax.models import lm
 from ds_jax.optim import make_optimizer, schedule
 from ds_jax.train import LMTask, TrainState, eval_step, train_step
 
-TARGETS = {"qv": ["q_proj", "q_b_proj", "kv_b_proj"], "all-linear": ["all-linear"],
-           "experts": ["experts"]}
+# Target sets. MLA has no v_proj: its values come from kv_b_proj (k_nope and v), queries from
+# q_proj (or q_b_proj with q_lora_rank > 0), so "qv" = q_proj, q_b_proj, kv_b_proj.
+TARGETS = {
+    "qv": dict(target_modules=["q_proj", "q_b_proj", "kv_b_proj"]),
+    "all-but-experts": dict(target_modules=["all-linear"], exclude_modules=["experts"]),
+    "all-linear": dict(target_modules=["all-linear"]),
+    "experts": dict(target_modules=["experts"]),
+}
+MAIN_TARGET = "all-but-experts"
+SPLIT_SEED = 20240501
+PIECE = 1024
+FULL_LRS = (3e-4, 1e-3, 3e-3)
+LORA_LRS = (3e-3, 1e-2, 3e-2)
+EVAL_BATCH = 32
 
 
 def load_experiment(arg: str):
@@ -43,133 +68,299 @@ def load_experiment(arg: str):
   spec = importlib.util.spec_from_file_location("lora_moe", path)
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
-  return mod.get_config(arg)
+  return mod.get_config(arg), mod.HELD_OUT
 
 
-def evaluate(task: LMTask, state: TrainState, data: TextData, n: int) -> float:
-  f = jax.jit(functools.partial(eval_step, task=task))
+def split_pieces(docs: dict[str, str], piece: int = PIECE, fractions=(0.7, 0.1, 0.2),
+                 seed: int = SPLIT_SEED) -> tuple[list[str], list[str], list[str]]:
+  """(train, dev, test) text pieces: every document cut into `piece`-character pieces (a short
+  tail joins the piece before it), pieces assigned by one fixed permutation."""
+  pieces = []
+  for name in sorted(docs):
+    text = docs[name]
+    cuts = list(range(0, len(text), piece))
+    if len(cuts) > 1 and len(text) - cuts[-1] < piece // 2:
+      cuts.pop()
+    pieces += [text[a:b] for a, b in zip(cuts, cuts[1:] + [len(text)])]
+  order = np.random.default_rng(seed).permutation(len(pieces))
+  n_test = int(round(fractions[2] * len(pieces)))
+  n_dev = int(round(fractions[1] * len(pieces)))
+  test = [pieces[i] for i in sorted(order[:n_test])]
+  dev = [pieces[i] for i in sorted(order[n_test:n_test + n_dev])]
+  train = [pieces[i] for i in sorted(order[n_test + n_dev:])]
+  return train, dev, test
+
+
+class AdaptData:
+  """Train / dev / test streams of the held-out domain; `batch(step)` as TextData's."""
+
+  def __init__(self, cfg, include: str):
+    tok = get_tokenizer(cfg.data.tokenizer, "")
+    docs = {k: v for k, v in pydoc_topics().items() if re.search(include, k)}
+    train, dev, test = split_pieces(docs)
+    self.train = PackedText(tokenize_documents(train, tok), cfg.seq_len)
+    self.dev = PackedText(tokenize_documents(dev, tok), cfg.seq_len)
+    self.test = PackedText(tokenize_documents(test, tok), cfg.seq_len)
+    self.seed, self.batch_size = cfg.seed, cfg.batch_size
+
+  def batch(self, step: int) -> dict:
+    return self.train.train_batch(self.seed, step, self.batch_size)
+
+
+def all_windows(pt: PackedText, batch: int = EVAL_BATCH):
+  """Every window of `pt` once, in batches of `batch` rows (the last padded with weight 0)."""
+  for s in range(0, pt.num_windows, batch):
+    idx = np.arange(s, s + batch)
+    b = pt.rows(idx % pt.num_windows)
+    b["weights"] = b["weights"] * (idx < pt.num_windows)[:, None].astype(np.float32)
+    yield b
+
+
+def mean_nll(f, state, pt: PackedText) -> float:
   nll = count = 0.0
-  for k in range(n):
-    m = jax.device_get(f(state, data.eval_batch(k)))
+  for b in all_windows(pt):
+    m = jax.device_get(f(state, b))
     nll, count = nll + float(m["nll_sum"]), count + float(m["count"])
   return nll / max(count, 1.0)
 
 
-def run(cfg, params: Any, seed: int, lora_cfg: Optional[dict] = None,
-        adapter_dir: str = "") -> tuple[dict, Any]:
-  """Train cfg.steps steps from `params` (full, or only a LoRA adapter); returns (row, params)."""
-  mc = model_config(cfg.model)
-  task = LMTask(cfg, mc)
-  data = TextData(cfg)
-  rng = jax.random.key(seed)
-  if lora_cfg is not None:
-    cfg.lora.update(dict(lora_cfg, enabled=True))
-    trainable, frozen = lora.lora_train_partition(params, cfg.lora, jax.random.fold_in(rng, 7))
-    task.combine = lora.combine
-  else:
-    trainable, frozen = params, {}
+_STEPS: dict = {}
+_EVALS: dict = {}
+
+
+def train(cfg, task: LMTask, trainable: Any, frozen: Any, data, seed: int, key) -> tuple:
+  """cfg.steps AdamW steps on `trainable`; the jitted step is cached by `key` (not the seed)."""
   tx = make_optimizer(cfg.optimizer, cfg.steps, trainable)
+  if key not in _STEPS:
+    _STEPS[key] = jax.jit(lambda st, b, rng: train_step(
+        st, b, task=task, tx=tx, lr_fn=schedule(cfg.optimizer, cfg.steps), accum=1,
+        base_rng=rng))
+  step = _STEPS[key]
   state = TrainState(step=jnp.zeros((), jnp.int32), params=trainable,
                      opt_state=tx.init(trainable), frozen=frozen,
                      skipped=jnp.zeros((), jnp.int32))
-  step = jax.jit(functools.partial(train_step, task=task, tx=tx,
-                                   lr_fn=schedule(cfg.optimizer, cfg.steps), accum=1,
-                                   base_rng=jax.random.fold_in(rng, 1)))
-  before = evaluate(task, state, data, cfg.eval_steps)
+  rng = jax.random.fold_in(jax.random.key(seed), 1)
   t0 = time.perf_counter()
+  losses = []
   for s in range(cfg.steps):
-    state, metrics = step(state, data.batch(s))
+    state, metrics = step(state, data.batch(s), rng)
+    if (s + 1) % cfg.log_every == 0 or s + 1 == cfg.steps:
+      losses.append(float(metrics["loss"]))
   jax.block_until_ready(state.params)
-  seconds = time.perf_counter() - t0
-  after = evaluate(task, state, data, cfg.eval_steps)
-  full = task.combine(state.params, state.frozen)
-  counts = lora.count_params(full)
-  n_train = sum(int(np.size(a)) for a in jax.tree.leaves(state.params))
-  row = {"seed": seed, "val_before": before, "val_after": after, "improvement": before - after,
-         "trainable": n_train, "base_params": counts["base"],
-         "trainable_frac": n_train / counts["base"],
-         "opt_state_bytes": lora.tree_bytes(state.opt_state), "train_seconds": seconds,
-         "final_train_loss": float(metrics["loss"])}
-  if lora_cfg is not None and adapter_dir:
-    sizes = lora.save_adapter(adapter_dir, full, cfg.lora.adapter_name)
-    row["adapter_file_bytes"] = sizes["adapter_model.safetensors"]
-    row["model_bytes"] = 4 * counts["base"]
-  return row, full
+  return state, time.perf_counter() - t0, losses
+
+
+def pretrain(args, seed: int):
+  path = os.path.join(args.out, f"pretrained_s{seed}.pkl")
+  if os.path.exists(path):
+    with open(path, "rb") as f:
+      return jax.tree.map(jnp.asarray, pickle.load(f)), None
+  cfg, _ = load_experiment("pretrain" + args.sfx)
+  cfg.seed = seed
+  mc = model_config(cfg.model)
+  task = LMTask(cfg, mc)
+  params = lm.init(mc, jax.random.key(seed))
+  state, secs, losses = train(cfg, task, params, {}, TextData(cfg), seed, ("pretrain",))
+  ev = jax.jit(functools.partial(eval_step, task=task))
+  val = mean_nll(ev, state, TextData(cfg).val)
+  with open(path, "wb") as f:
+    pickle.dump(jax.tree.map(np.asarray, state.params), f)
+  row = {"phase": "pretrain", "run": "pretrain", "seed": seed, "steps": cfg.steps,
+         "other_topics_val": val, "train_losses": losses, "train_seconds": secs,
+         "params": lora.count_params(state.params)["base"]}
+  return state.params, row
+
+
+def variant_list(args) -> list[tuple[str, Optional[dict], float]]:
+  """(name, LoRA settings or None for full fine-tuning, lr) of the runs of one seed."""
+  if args.phase == "tune":
+    out = [("full", None, lr) for lr in FULL_LRS]
+    for t in args.tune_targets.split(","):
+      out += [(f"lora r=8 {t}", dict(r=8, **TARGETS[t]), lr) for lr in LORA_LRS]
+    return out
+  out = [("full", None, args.full_lr)]
+  for r in map(int, args.ranks.split(",")):
+    out.append((f"lora r={r} {MAIN_TARGET}", dict(r=r, **TARGETS[MAIN_TARGET]), args.lora_lr))
+  for t in args.targets.split(","):
+    if t != MAIN_TARGET:
+      out.append((f"lora r=8 {t}", dict(r=8, **TARGETS[t]), args.lora_lr))
+  return out
 
 
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--out", required=True)
+  p.add_argument("--phase", choices=("pretrain", "tune", "sweep"), default="sweep",
+                 help="pretrain: only the cached pre-trained bases of --seeds")
   p.add_argument("--seeds", default="0")
-  p.add_argument("--ranks", default="8")
-  p.add_argument("--targets", default="qv")
+  p.add_argument("--ranks", default="1,4,8,64", help=f"rank sweep on {MAIN_TARGET}")
+  p.add_argument("--targets", default="qv,all-linear,experts", help="target sweep at r=8")
+  p.add_argument("--tune-targets", default=MAIN_TARGET)
+  p.add_argument("--full-lr", type=float, default=1e-3)
+  p.add_argument("--lora-lr", type=float, default=1e-2)
   p.add_argument("--steps", type=int, default=0, help="override adaptation steps")
-  p.add_argument("--lora-lr", type=float, default=5e-3,
-                 help="peak learning rate of LoRA runs (full fine-tuning: the config's)")
   p.add_argument("--smoke", action="store_true")
+  p.add_argument("--table", default="", help="print the table of this results.jsonl and exit")
+  p.add_argument("--plot", default="", help="with --table: also draw the sweep into this png")
   a = p.parse_args(argv)
+  if a.table:
+    with open(a.table) as f:
+      rows = [json.loads(l) for l in f if l.strip()]
+    print(table(rows))
+    if a.plot:
+      plot(rows, a.plot)
+    return 0
   os.makedirs(a.out, exist_ok=True)
-  sfx = ",smoke" if a.smoke else ""
+  # Identical step functions (other seeds, the chosen learning rates) reuse earlier compiles.
+  jax.config.update("jax_compilation_cache_dir", os.path.join(a.out, "jax_cache"))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  a.sfx = ",smoke" if a.smoke else ""
   rows_path = os.path.join(a.out, "results.jsonl")
-  pre_cfg = load_experiment("pretrain" + sfx)
-  pre_path = os.path.join(a.out, "pretrained.pkl")
-  if os.path.exists(pre_path):  # reuse the pre-trained weights of an earlier sweep in --out
-    with open(pre_path, "rb") as f:
-      params = jax.tree.map(jnp.asarray, pickle.load(f))
-    rows = []
-  else:
-    params = lm.init(model_config(pre_cfg.model), jax.random.key(0))
-    row, params = run(pre_cfg, params, 0)
-    with open(pre_path, "wb") as f:
-      pickle.dump(jax.tree.map(np.asarray, params), f)
-    rows = [dict(row, run="pretrain")]
-    print(json.dumps(rows[-1]), flush=True)
-  variants = [("full", None)]
-  for t in a.targets.split(","):
-    for r in map(int, a.ranks.split(",")):
-      variants.append((f"lora r={r} {t}", dict(r=r, lora_alpha=2.0 * r,
-                                               target_modules=TARGETS[t])))
-  for seed in map(int, a.seeds.split(",")):
-    for name, lc in variants:
-      cfg = load_experiment("adapt" + sfx)
+
+  def emit(row):
+    print(json.dumps(row), flush=True)
+    with open(rows_path, "a") as f:
+      f.write(json.dumps(row) + "\n")
+
+  seeds = [0] if a.phase == "tune" else list(map(int, a.seeds.split(",")))
+  for seed in seeds:
+    base, prow = pretrain(a, seed)
+    if prow:
+      emit(prow)
+    if a.phase == "pretrain":
+      continue
+    cfg0, held_out = load_experiment("adapt" + a.sfx)
+    cfg0.seed = seed
+    data = AdaptData(cfg0, held_out)
+    mc = model_config(cfg0.model)
+    task = LMTask(cfg0, mc)
+    plain_eval = jax.jit(functools.partial(eval_step, task=task))
+    st0 = TrainState(step=jnp.zeros((), jnp.int32), params=base, opt_state=(), frozen={},
+                     skipped=jnp.zeros((), jnp.int32))
+    before = {"dev": mean_nll(plain_eval, st0, data.dev),
+              "test": mean_nll(plain_eval, st0, data.test)}
+    n_base = lora.count_params(base)["base"]
+    done = [json.loads(l) for l in open(rows_path)] if os.path.exists(rows_path) else []
+    for name, lc, lr in variant_list(a):
+      cfg, _ = load_experiment("adapt" + a.sfx)
+      cfg.seed = seed
       if a.steps:
         cfg.steps = a.steps
-      cfg.seed = seed
+      same = [r for r in done if r.get("phase") == "tune" and (r["run"], r["seed"], r["lr"],
+                                                                r["steps"]) == (name, seed, lr, cfg.steps)]
+      if a.phase == "sweep" and same:  # the identical run (seed, data, lr) of the tune phase
+        emit(dict(same[-1], phase="sweep", reused_from_tune=True))
+        continue
+      cfg.optimizer.learning_rate = lr
+      vtask = LMTask(cfg, mc)
       if lc is not None:
-        cfg.optimizer.learning_rate = a.lora_lr
-      adir = os.path.join(a.out, "adapters", f"{name.replace(' ', '_')}_s{seed}")
-      row, _ = run(cfg, params, seed, lc, adir if lc else "")
-      rows.append(dict(row, run=name))
-      print(json.dumps(rows[-1]), flush=True)
-  with open(rows_path, "a") as f:
-    for r in rows:
-      f.write(json.dumps(r) + "\n")
-  print(table(rows))
+        cfg.lora.update(dict(enabled=True, r=lc["r"], lora_alpha=2.0 * lc["r"],
+                             target_modules=lc["target_modules"],
+                             exclude_modules=lc.get("exclude_modules", [])))
+        trainable, frozen = lora.lora_train_partition(base, cfg.lora,
+                                                      jax.random.fold_in(jax.random.key(seed), 7))
+        vtask.combine = lora.combine
+      else:
+        trainable, frozen = base, {}
+      state, secs, losses = train(cfg, vtask, trainable, frozen, data, seed, (name, lr))
+      if name not in _EVALS:  # one compile per adapter structure, not per seed / lr
+        _EVALS[name] = jax.jit(functools.partial(eval_step, task=vtask))
+      ev = _EVALS[name]
+      after = {"dev": mean_nll(ev, state, data.dev), "test": mean_nll(ev, state, data.test)}
+      n_train = sum(int(np.size(x)) for x in jax.tree.leaves(state.params))
+      row = {"phase": a.phase, "run": name, "seed": seed, "lr": lr, "steps": cfg.steps,
+             "dev_before": before["dev"], "dev_after": after["dev"],
+             "test_before": before["test"], "test_after": after["test"],
+             "improvement": before["test"] - after["test"],
+             "dev_improvement": before["dev"] - after["dev"],
+             "trainable": n_train, "base_params": n_base, "trainable_frac": n_train / n_base,
+             "opt_state_bytes": lora.tree_bytes(state.opt_state), "train_seconds": secs,
+             "train_losses": losses}
+      if lc is not None:
+        full = lora.combine(state.params, state.frozen)
+        adir = os.path.join(a.out, "adapters", f"{name.replace(' ', '_')}_s{seed}")
+        row["adapter_file_bytes"] = lora.save_adapter(adir, full, cfg.lora.adapter_name)[
+            "adapter_model.safetensors"]
+      emit(row)
+  if os.path.exists(rows_path):
+    print(table([json.loads(l) for l in open(rows_path) if l.strip()]))
   return 0
 
 
 def table(rows: list[dict]) -> str:
-  """Markdown summary: mean ± std over seeds; LoRA improvement as % of full fine-tuning's."""
-  full = {r["seed"]: r["improvement"] for r in rows if r["run"] == "full"}
-  if not full:
-    return "(no full fine-tuning run to compare with)"
-  by: dict[str, list[dict]] = {}
-  for r in rows:
-    if r["run"] != "pretrain":
-      by.setdefault(r["run"], []).append(r)
-  lines = ["| run | trainable (% of base) | val before | val after | improvement | % of full FT "
-           "| opt state | adapter file |", "|---|---|---|---|---|---|---|---|"]
-  for name, rs in by.items():
-    imp = np.array([r["improvement"] for r in rs])
-    frac = np.array([r["improvement"] / full[r["seed"]] for r in rs if full.get(r["seed"])])
-    lines.append(
-        f"| {name} | {rs[0]['trainable']:,} ({100 * rs[0]['trainable_frac']:.2f}%) | "
-        f"{np.mean([r['val_before'] for r in rs]):.3f} | "
-        f"{np.mean([r['val_after'] for r in rs]):.3f} | {imp.mean():.3f} ± {imp.std():.3f} | "
-        f"{100 * frac.mean():.0f}% ± {100 * frac.std():.0f} | "
-        f"{rs[0]['opt_state_bytes'] / 1e3:.0f} kB | "
-        f"{rs[0].get('adapter_file_bytes', 0) / 1e3:.0f} kB |")
-  return "\n".join(lines)
+  """Markdown summaries: the LR grid (dev) and the sweep (test, mean ± std over seeds)."""
+  out = []
+  tune = [r for r in rows if r.get("phase") == "tune"]
+  if tune:
+    out += ["| run | lr | dev before | dev after | dev improvement |", "|---|---|---|---|---|"]
+    out += [f"| {r['run']} | {r['lr']:g} | {r['dev_before']:.4f} | {r['dev_after']:.4f} | "
+            f"{r['dev_improvement']:.4f} |" for r in tune]
+  sweep = [r for r in rows if r.get("phase") == "sweep"]
+  full = {r["seed"]: r["improvement"] for r in sweep if r["run"] == "full"}
+  if sweep and full:
+    seeds = sorted(full)
+    by: dict[str, dict[int, dict]] = {}
+    for r in sweep:
+      by.setdefault(r["run"], {})[r["seed"]] = r
+    out += ["", "| run | lr | trainable (% of model) | test before → after | improvement | "
+            "% of full FT, per seed " + "/".join(f"s{s}" for s in seeds) + " | mean ± std | "
+            "Adam state | adapter file |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, rs in by.items():
+      rr = [rs[s] for s in seeds if s in rs]
+      imp = np.array([r["improvement"] for r in rr])
+      frac = np.array([100 * r["improvement"] / full[r["seed"]] for r in rr])
+      r0 = rr[0]
+      out.append(
+          f"| {name} | {r0['lr']:g} | {r0['trainable']:,} ({100 * r0['trainable_frac']:.2f}%) | "
+          f"{np.mean([r['test_before'] for r in rr]):.3f} → "
+          f"{np.mean([r['test_after'] for r in rr]):.3f} | {imp.mean():.4f} ± {imp.std():.4f} | "
+          + "/".join(f"{x:.0f}" for x in frac) + f" | {frac.mean():.0f}% ± {frac.std():.0f} | "
+          f"{r0['opt_state_bytes'] / 1e3:,.0f} kB | "
+          + (f"{r0['adapter_file_bytes'] / 1e3:,.0f} kB |" if "adapter_file_bytes" in r0
+             else "— |"))
+  return "\n".join(out)
+
+
+def plot(rows: list[dict], path: str) -> None:
+  """Two panels: % of full FT's test improvement vs rank (main target), and per target at r=8;
+  every seed as a dot, the mean as a bar / line."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  sweep = [r for r in rows if r.get("phase") == "sweep"]
+  full = {r["seed"]: r["improvement"] for r in sweep if r["run"] == "full"}
+  pct = lambda rs: [100 * r["improvement"] / full[r["seed"]] for r in rs]
+  fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.4))
+  ranks = sorted({int(r["run"].split()[1][2:]) for r in sweep
+                  if r["run"].endswith(MAIN_TARGET)})
+  means = []
+  for k in ranks:
+    rs = [r for r in sweep if r["run"] == f"lora r={k} {MAIN_TARGET}"]
+    means.append(np.mean(pct(rs)))
+    a1.scatter([k] * len(rs), pct(rs), color="C0", s=12)
+    a1.annotate(f"{100 * rs[0]['trainable_frac']:.2g}%", (k, means[-1]), fontsize=7,
+                xytext=(4, -10), textcoords="offset points")
+  a1.plot(ranks, means, color="C0", label=f"LoRA on {MAIN_TARGET} (mean; label: % trainable)")
+  a1.axhline(100, color="k", lw=0.8, label="full fine-tuning")
+  a1.axhline(90, color="r", lw=0.8, ls="--", label="target 90%")
+  a1.set(xscale="log", xlabel="rank r", ylabel="% of full FT's test-loss improvement")
+  a1.set_xticks(ranks, [str(k) for k in ranks])
+  a1.legend(fontsize=7)
+  names = [f"lora r=8 {t}" for t in TARGETS if any(r["run"] == f"lora r=8 {t}" for r in sweep)]
+  for i, n in enumerate(names):
+    rs = [r for r in sweep if r["run"] == n]
+    a2.bar(i, np.mean(pct(rs)), color="C1")
+    a2.scatter([i] * len(rs), pct(rs), color="k", s=10, zorder=3)
+  a2.axhline(100, color="k", lw=0.8)
+  a2.axhline(90, color="r", lw=0.8, ls="--")
+  a2.set_xticks(range(len(names)), [n.split()[-1] + "\n" + f"{100 * next(r['trainable_frac'] for r in sweep if r['run'] == n):.2g}%"
+                                    for n in names], fontsize=8)
+  a2.set(ylabel="% of full FT (r = 8)")
+  fig.suptitle(f"LoRA vs full fine-tuning on held-out pydoc topics, seeds {sorted(full)}",
+               fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":
