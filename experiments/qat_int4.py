@@ -1,31 +1,43 @@
 """4-bit quality on the tiny MoE: float32 vs PTQ (round-to-nearest) vs QAT W4 vs QAT W4A8.
 
-Arguments (`experiments/qat_int4.py:<variant>[,smoke]`):
-  float      the float32 baseline; PTQ is applied to its final weights (no extra training)
-  qat        W4 g128 fake-quant weights (STE) from `quant.start_step` on
+Arguments (`experiments/qat_int4.py:<variant>[,finetune][,smoke]`):
+  float      float32 training (phase 1: 400 steps); PTQ is applied to float weights
+  qat        W4 g128 fake-quant weights (absmax scales, STE)
   qat_w4a8   as qat, plus dynamic per-token int8 activations at every quantized matmul
+  qat_lsq    as qat, with LSQ learnable scales (MSE-initialised) trained with the weights
+  finetune   phase 2: FINETUNE_STEPS more steps at a constant FINETUNE_LR from the phase-1 float
+             checkpoint (`--init-from`), QAT (if any) on from its first step
   smoke      a few steps, for tests
 
-The model: a 2-layer DeepSeek-style MoE (first layer dense, MLA, 1 shared + 8 routed experts top-2,
-hidden 128) on the pydoc corpus (bytes). Groups of 128 along the contraction axis; axes shorter
-than 128 (the expert FFN width 96, MLA latents) are one group, i.e. per channel.
+Protocol (scripts/quant_quality.py): per seed, train `float` for 400 steps; then, from that one
+checkpoint, run `<variant>,finetune` for every variant *including float* on the same next
+FINETUNE_STEPS batches (steps 400..499 of the data stream) with the same learning rate. float32
+and PTQ are the float fine-tune's weights (without / with round-to-nearest), so every method has
+seen the same 500 steps of tokens.
 
-Command (all variants, three seeds, table and plot into docs/quant.md's numbers):
+The model: a 2-layer DeepSeek-style MoE (first layer dense, MLA, 1 shared + 8 routed experts top-2,
+hidden 128) on the pydoc corpus (bytes). Groups of 128 along the contraction axis; axes of length
+<= 128 (hidden 128, the expert FFN width 96, MLA latent 32) are one group, i.e. per channel — only
+the dense down_proj (K = 256) has two groups.
+
+Command (all variants, three seeds, table and plot):
   python scripts/quant_quality.py --seeds 0,1,2 --out runs/quant_quality
-Runtime on 2 CPU cores: ~1-3 minutes per training run (3 per seed).
 """
 
 from ds_jax.config import base_config
 from ds_jax.quant.config import default_quant_config
 
-VARIANTS = ("float", "qat", "qat_w4a8")
+VARIANTS = ("float", "qat", "qat_w4a8", "qat_lsq")
+FINETUNE_STEPS = 100
+FINETUNE_LR = 3e-4  # = phase 1's final learning rate (cosine 3e-3 -> min_lr_ratio 0.1)
 
 
 def get_config(arg=None):
   parts = [p for p in (arg or "float").split(",") if p]
   variant = parts[0]
-  if variant not in VARIANTS or any(p != "smoke" for p in parts[1:]):
-    raise ValueError(f"unknown argument {arg!r}; use one of {', '.join(VARIANTS)}[,smoke]")
+  if variant not in VARIANTS or any(p not in ("smoke", "finetune") for p in parts[1:]):
+    raise ValueError(f"unknown argument {arg!r}; use one of {', '.join(VARIANTS)}"
+                     "[,finetune][,smoke]")
   c = base_config()
   c.steps = 400
   c.batch_size = 16
@@ -46,11 +58,14 @@ def get_config(arg=None):
   c.quant = default_quant_config()
   q = c.quant
   q.bits, q.group_size = 4, 128
-  q.start_step = c.steps // 2  # QAT switches on half way; the first half is float training
+  q.start_step = 0
   if variant != "float":
     q.enabled = True
     q.act_bits = 8 if variant == "qat_w4a8" else 0
+    q.calibration = "lsq" if variant == "qat_lsq" else "absmax"
+  if "finetune" in parts:
+    c.steps = FINETUNE_STEPS
+    c.optimizer.update(dict(learning_rate=FINETUNE_LR, warmup_steps=0, schedule="constant"))
   if "smoke" in parts:
-    c.update(dict(steps=6, batch_size=4, seq_len=32, log_every=2, eval_steps=1))
-    q.start_step = 3
+    c.update(dict(steps=4, batch_size=4, seq_len=32, log_every=2, eval_steps=1))
   return c

@@ -1,12 +1,23 @@
-"""Validation perplexity of the tiny MoE: float32, PTQ W4 g128, QAT W4 g128, QAT W4A8; N seeds.
+"""Validation perplexity of the tiny MoE: float32, PTQ W4 g128, QAT W4 g128, QAT W4A8 (+ LSQ).
 
     python scripts/quant_quality.py --seeds 0,1,2 --out runs/quant_quality
     python scripts/quant_quality.py --sizes      # true bytes on disk per group size / grid
 
-Trains `experiments/qat_int4.py:<variant>` with ds_jax's Trainer (QAT = `quant.qat_transform` in
-`LMTask.param_transforms`), then evaluates each model both as fake-quant and as the packed
-export (`quantize_params`: dequant backend for weight-only, int8 x int8 dots for W4A8). Writes
-`results.jsonl`, `table.md` and `ppl.png` under --out and prints the table.
+Protocol (see experiments/qat_int4.py): per seed, phase 1 trains `float` for its 400 steps;
+phase 2 starts every variant — float too — from that checkpoint and trains FINETUNE_STEPS more
+steps on the same next batches (data steps 400...) at a constant FINETUNE_LR, fresh AdamW state.
+float32 / PTQ are the phase-2 float weights without / with round-to-nearest W4 g128, so all
+methods see the same tokens. Perplexity is over the whole validation split. Each model is
+evaluated as fake-quant and as the packed export (`quantize_params`: dequant backend for
+weight-only, int8 x int8 dots for W4A8). Gap recovery is paired per seed:
+(PTQ - QAT) / (PTQ - float32) with that seed's three numbers.
+
+Diagnostics written with each row: the training loss of phase 2's first step (all variants start
+from the same weights and batch, so QAT's excess over float is the fake-quant effect, i.e. proof
+that QAT is on in the step), the float-evaluated perplexity of QAT-trained weights, and the
+relative weight quantization error ||Q(w) - w|| / ||w||.
+
+Writes `results.jsonl`, `table.md` and `ppl.png` under --out and prints the table.
 """
 
 from __future__ import annotations
@@ -31,114 +42,184 @@ from ds_jax.train import LMTask, Trainer
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def experiment(arg: str):
+def _module():
   path = os.path.join(HERE, "..", "experiments", "qat_int4.py")
   spec = importlib.util.spec_from_file_location("qat_int4", path)
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
-  return mod.get_config(arg)
+  return mod
 
 
-def train(cfg) -> tuple[dict, LMTask, object, float]:
-  """(final params, task, data, seconds) of one training run."""
-  from ds_jax.data.text import TextData
+def experiment(arg: str):
+  return _module().get_config(arg)
+
+
+class LSQTask(LMTask):
+  """LMTask whose parameters carry LSQ scales (`quant.QSTATE_KEY`), trained by the optimizer."""
+
+  def __init__(self, cfg, mc, qcfg):
+    super().__init__(cfg, mc)
+    self.qcfg = qcfg
+
+  def init(self, rng):
+    from flax import linen as nn
+    boxed = dict(super().init(rng))  # scales computed from the unboxed weights, added unboxed
+    return {**boxed, quant.QSTATE_KEY: quant.with_qstate(nn.unbox(boxed), self.qcfg)[quant.QSTATE_KEY]}
+
+
+def train(cfg, data, init_params=None, data_offset: int = 0):
+  """(final params, model config, per-step losses, seconds). QAT comes from `cfg.quant` via the
+  Trainer (added once, there); LSQ scales ride in the params under `quant.QSTATE_KEY` (as logs)."""
   mc = cfglib.validate(cfg, jax.device_count())
   mesh = shd.make_mesh(cfglib.mesh_shape(cfg, jax.device_count()))
-  task = LMTask(cfg, mc)
   qcfg = quant.from_config(cfg.quant)
-  if qcfg is not None:
-    task.param_transforms.append(quant.qat_transform(qcfg))
+  lsq = qcfg is not None and cfg.quant.calibration == "lsq"
+  task = LSQTask(cfg, mc, qcfg) if lsq else LMTask(cfg, mc)
   trainer = Trainer(cfg, mc, mesh, task)
-  data = TextData(cfg)
-  state = trainer.init_state()
+  assert len(task.param_transforms) == (qcfg is not None), task.param_transforms
+  if lsq and init_params is not None:
+    init_params = quant.with_qstate(init_params, qcfg)
+  state = trainer.init_state(init_params)
+  losses = []
   t0 = time.perf_counter()
   for step in range(cfg.steps):
-    state, metrics = trainer.step(state, data.batch(step))
+    state, metrics = trainer.train_step(state, data.batch(data_offset + step))
+    losses.append(float(metrics["loss"]))
     if (step + 1) % cfg.log_every == 0:
-      print(f"  step {step + 1}: loss {float(metrics['loss']):.4f}", flush=True)
-  return jax.device_get(state.params), mc, data, time.perf_counter() - t0
+      print(f"  step {step + 1}: loss {losses[-1]:.4f} lr {float(metrics['lr']):.2e}", flush=True)
+  return jax.device_get(state.params), mc, losses, time.perf_counter() - t0
 
 
-def perplexity(mc, params, data, eval_steps: int) -> float:
+def perplexity(mc, params, data) -> float:
+  """exp(mean NLL) over every window of the validation split, once each."""
   fwd = jax.jit(lambda p, x: Transformer(mc).apply({"params": p}, x)[0])
   nll, count = 0.0, 0.0
-  for k in range(eval_steps):
-    b = data.eval_batch(k)
+  n, bs = data.val.num_windows, data.batch_size
+  for k in range(0, n, bs):
+    b = data.val.rows(np.arange(k, min(k + bs, n)))
     _, la = lm_loss(fwd(params, jnp.asarray(b["inputs"])), jnp.asarray(b["targets"]),
                     jnp.asarray(b["weights"]))
     nll, count = nll + float(la["nll_sum"]), count + float(la["count"])
   return float(np.exp(nll / max(count, 1.0)))
 
 
-def run_seed(seed: int, smoke: bool, steps: int) -> list[dict]:
-  rows = []
-  for variant in ("float", "qat", "qat_w4a8"):
-    cfg = experiment(variant + (",smoke" if smoke else ""))
-    cfg.seed = seed
-    if steps:
-      cfg.steps, cfg.quant.start_step = steps, steps // 2
-    print(f"seed {seed} {variant}: training {cfg.steps} steps", flush=True)
-    params, mc, data, secs = train(cfg)
-    q = cfg.quant.to_dict()
-    q["enabled"] = True
-    w4 = quant.from_config(dict(q, act_bits=0))
-    w4a8 = quant.from_config(dict(q, act_bits=8))
-    ppl = lambda p: perplexity(mc, p, data, cfg.eval_steps)
-    r = dict(seed=seed, steps=cfg.steps, train_seconds=round(secs, 1))
+def weight_error(params, qcfg, qstate=None) -> float:
+  """||Q(w) - w|| / ||w|| over all quantized kernels together."""
+  fq = quant.fake_quantize(params, qcfg, qstate)
+  num = sum(float(jnp.sum((a - b) ** 2)) for a, b in zip(jax.tree.leaves(fq), jax.tree.leaves(params)))
+  den = sum(float(jnp.sum(b ** 2)) for p, b in jax.tree_util.tree_leaves_with_path(params)
+            if qcfg.rule_for(quant.config.path_str(p)))
+  return float(np.sqrt(num / den))
+
+
+METHODS = {"qat": "QAT W4 g128", "qat_w4a8": "QAT W4A8 g128", "qat_lsq": "QAT W4 g128 LSQ"}
+
+
+def run_seed(seed: int, smoke: bool, variants: tuple[str, ...]) -> list[dict]:
+  from ds_jax.data.text import TextData
+  sfx = ",smoke" if smoke else ""
+  cfg = experiment("float" + sfx)
+  cfg.seed = seed
+  data = TextData(cfg)
+  print(f"seed {seed}: phase 1, float, {cfg.steps} steps", flush=True)
+  base, mc, losses1, secs1 = train(cfg, data)
+  q = dict(cfg.quant.to_dict(), enabled=True, calibration="absmax", start_step=0)
+  w4 = quant.from_config(dict(q, act_bits=0))
+  w4a8 = quant.from_config(dict(q, act_bits=8))
+  ppl = lambda p: perplexity(mc, p, data)
+  rows = [dict(seed=seed, method="float32 (phase 1 only)", ppl=ppl(base), steps=cfg.steps,
+               train_seconds=round(secs1, 1)),
+          dict(seed=seed, method="PTQ W4 g128 (phase 1 only)", ppl=ppl(quant.fake_quantize(base, w4)),
+               steps=cfg.steps, weight_error=weight_error(base, w4))]
+  for r in rows:
+    print("  " + json.dumps(r), flush=True)
+  offset = cfg.steps
+  for variant in ("float",) + tuple(v for v in variants if v != "float"):
+    fcfg = experiment(variant + ",finetune" + sfx)
+    fcfg.seed = seed
+    print(f"seed {seed}: phase 2, {variant}, {fcfg.steps} steps", flush=True)
+    params, _, losses, secs = train(fcfg, data, base, offset)
+    r = dict(seed=seed, steps=offset + fcfg.steps, train_seconds=round(secs, 1),
+             first_loss=losses[0], last_loss=losses[-1], losses=[round(x, 4) for x in losses])
     if variant == "float":
-      rows.append(dict(r, method="float32", ppl=ppl(params)))
-      rows.append(dict(r, method="PTQ W4 g128", ppl=ppl(quant.fake_quantize(params, w4)),
-                       packed_ppl=ppl(quant.quantize_params(params, w4, backend="dequant"))))
-      rows.append(dict(r, method="PTQ W4A8 g128", ppl=ppl(quant.qat_params(params, w4a8)),
-                       packed_ppl=ppl(quant.quantize_params(params, w4a8, backend="int8"))))
-    elif variant == "qat":
-      rows.append(dict(r, method="QAT W4 g128", ppl=ppl(quant.qat_params(params, w4)),
-                       packed_ppl=ppl(quant.quantize_params(params, w4, backend="dequant"))))
+      out = [dict(r, method="float32", ppl=ppl(params)),
+             dict(r, method="PTQ W4 g128", ppl=ppl(quant.fake_quantize(params, w4)),
+                  packed_ppl=ppl(quant.quantize_params(params, w4, backend="dequant")),
+                  weight_error=weight_error(params, w4)),
+             dict(r, method="PTQ W4A8 g128", ppl=ppl(quant.qat_params(params, w4a8)),
+                  packed_ppl=ppl(quant.quantize_params(params, w4a8, backend="int8")))]
     else:
-      rows.append(dict(r, method="QAT W4A8 g128", ppl=ppl(quant.qat_params(params, w4a8)),
-                       packed_ppl=ppl(quant.quantize_params(params, w4a8, backend="int8"))))
-    for row in rows[-3 if variant == "float" else -1:]:
-      print("  " + json.dumps(row), flush=True)
+      qcfg = quant.from_config(fcfg.quant)
+      params, qstate = quant.split_qstate(params)
+      backend = "int8" if qcfg.rules[-1].act_bits else "dequant"
+      out = [dict(r, method=METHODS[variant], ppl=ppl(quant.qat_params(params, qcfg, qstate)),
+                  packed_ppl=ppl(quant.quantize_params(params, qcfg, qstate, backend=backend)),
+                  float_eval_ppl=ppl(params), weight_error=weight_error(params, qcfg, qstate))]
+    for row in out:
+      print("  " + json.dumps({k: v for k, v in row.items() if k != "losses"}), flush=True)
+    rows += out
   return rows
+
+
+def recoveries(rows: list[dict], method: str) -> list[float]:
+  """Per seed (PTQ - x) / (PTQ - float32), paired."""
+  by = {(r["seed"], r["method"]): r["ppl"] for r in rows}
+  out = []
+  for s in sorted({r["seed"] for r in rows}):
+    if (s, method) in by:
+      f, p = by[(s, "float32")], by[(s, "PTQ W4 g128")]
+      out.append((p - by[(s, method)]) / (p - f))
+  return out
 
 
 def table(rows: list[dict]) -> str:
   methods = list(dict.fromkeys(r["method"] for r in rows))
-  by = {m: [r for r in rows if r["method"] == m] for m in methods}
-  f32 = np.array([r["ppl"] for r in by["float32"]])
-  ptq = np.array([r["ppl"] for r in by["PTQ W4 g128"]])
-  lines = ["| method | val ppl (mean ± std) | packed ppl | retention (float/x) | "
-           "PTQ gap recovered |", "|---|---|---|---|---|"]
+  seeds = sorted({r["seed"] for r in rows})
+  by = {(r["seed"], r["method"]): r for r in rows}
+  f32 = np.array([by[(s, "float32")]["ppl"] for s in seeds])
+  lines = ["| method | val ppl (mean ± std) | packed ppl | retention (float32/x) | "
+           "PTQ gap recovered, per seed | mean |", "|---|---|---|---|---|---|"]
   for m in methods:
-    p = np.array([r["ppl"] for r in by[m]])
-    pk = [r["packed_ppl"] for r in by[m] if "packed_ppl" in r]
-    ret = np.mean(f32 / p) * 100
-    rec = ""
-    if m.startswith("QAT"):  # only meaningful where PTQ loses something
-      gap = ptq.mean() - f32.mean()
-      rec = f"{(ptq.mean() - p.mean()) / gap * 100:.0f}%" if gap > 1e-3 * f32.mean() else "n/a"
-    lines.append(f"| {m} | {p.mean():.3f} ± {p.std():.3f} | "
-                 f"{np.mean(pk):.3f} | {ret:.2f}% | {rec} |" if pk else
-                 f"| {m} | {p.mean():.3f} ± {p.std():.3f} | – | {ret:.2f}% | {rec} |")
+    p = np.array([by[(s, m)]["ppl"] for s in seeds])
+    pk = [by[(s, m)]["packed_ppl"] for s in seeds if "packed_ppl" in by[(s, m)]]
+    ret = f"{np.mean(f32 / p) * 100:.2f}%" if "phase 1" not in m else ""
+    rec = recoveries(rows, m) if m.startswith("QAT") else []
+    per = ", ".join(f"{x * 100:.0f}%" for x in rec)
+    mean = f"{np.mean(rec) * 100:.0f}%" if rec else ""
+    lines.append(f"| {m} | {p.mean():.4f} ± {p.std():.4f} | "
+                 f"{np.mean(pk):.4f} | {ret} | {per} | {mean} |" if pk else
+                 f"| {m} | {p.mean():.4f} ± {p.std():.4f} | – | {ret} | {per} | {mean} |")
   return "\n".join(lines)
 
 
 def plot(rows: list[dict], path: str) -> None:
+  """Left: per-seed perplexity relative to that seed's float32; right: phase-2 training loss."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  methods = list(dict.fromkeys(r["method"] for r in rows))
-  fig, ax = plt.subplots(figsize=(7, 3.2))
+  methods = [m for m in dict.fromkeys(r["method"] for r in rows) if "phase 1" not in m]
+  seeds = sorted({r["seed"] for r in rows})
+  by = {(r["seed"], r["method"]): r for r in rows}
+  fig, (ax, bx) = plt.subplots(1, 2, figsize=(9, 3.2))
   for i, m in enumerate(methods):
-    p = [r["ppl"] for r in rows if r["method"] == m]
-    ax.bar(i, np.mean(p), color="C0" if m == "float32" else "C1", alpha=0.6)
-    ax.scatter([i] * len(p), p, color="k", s=10, zorder=3)
-  ax.set_xticks(range(len(methods)), methods, rotation=15, fontsize=8)
-  ax.set_ylabel("validation perplexity")
-  lo = min(r["ppl"] for r in rows)
-  ax.set_ylim(lo * 0.97, max(r["ppl"] for r in rows) * 1.01)
+    d = [(by[(s, m)]["ppl"] / by[(s, "float32")]["ppl"] - 1) * 100 for s in seeds]
+    ax.bar(i, np.mean(d), color="C0" if m == "float32" else ("C3" if "PTQ" in m else "C2"),
+           alpha=0.6)
+    ax.scatter([i] * len(d), d, color="k", s=10, zorder=3)
+  ax.axhline(1.0, color="gray", ls=":", lw=1)
+  ax.set_xticks(range(len(methods)), methods, rotation=20, fontsize=7, ha="right")
+  ax.set_ylabel("val ppl vs same-seed float32 (%)")
+  for m, c in (("float32", "C0"),) + tuple((m, f"C{i + 1}") for i, m in
+                                            enumerate(x for x in methods if x.startswith("QAT"))):
+    curves = np.array([by[(s, m)]["losses"] for s in seeds])
+    k = 10
+    sm = np.array([np.convolve(c_, np.ones(k) / k, mode="valid") for c_ in curves]).mean(0)
+    bx.plot(np.arange(len(sm)) + k, sm, color=c, label=m, lw=1)
+  bx.set_xlabel("phase-2 step (10-step mean, mean over seeds)")
+  bx.set_ylabel("train loss")
+  bx.legend(fontsize=7)
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  fig.savefig(path, dpi=80)
 
 
 def sizes() -> str:
@@ -168,19 +249,25 @@ def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--seeds", default="0,1,2")
   p.add_argument("--out", default="runs/quant_quality")
-  p.add_argument("--steps", type=int, default=0, help="override the experiment's steps")
+  p.add_argument("--variants", default="qat,qat_w4a8,qat_lsq",
+                 help="phase-2 QAT variants (float always runs)")
   p.add_argument("--smoke", action="store_true")
   p.add_argument("--sizes", action="store_true", help="only print the on-disk size table")
+  p.add_argument("--report", action="store_true", help="only re-make table and plot from --out")
   a = p.parse_args()
   if a.sizes:
     print(sizes())
     return
   os.makedirs(a.out, exist_ok=True)
-  rows = []
-  for s in (int(x) for x in a.seeds.split(",")):
-    rows += run_seed(s, a.smoke, a.steps)
-    with open(os.path.join(a.out, "results.jsonl"), "w") as f:
-      f.writelines(json.dumps(r) + "\n" for r in rows)
+  path = os.path.join(a.out, "results.jsonl")
+  if a.report:
+    rows = [json.loads(x) for x in open(path)]
+  else:
+    rows = []
+    for s in (int(x) for x in a.seeds.split(",")):
+      rows += run_seed(s, a.smoke, tuple(v for v in a.variants.split(",") if v))
+      with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
   t = table(rows)
   with open(os.path.join(a.out, "table.md"), "w") as f:
     f.write(t + "\n")

@@ -10,8 +10,9 @@ See docs/quant.md. Typical use:
 
 from ds_jax.quant.config import (QuantConfig, QuantRule, default_quant_config, from_config,
                                  quant_config)
-from ds_jax.quant.fake import (fake_quantize, init_qstate, qat_params, qat_transform,
-                               quantized_paths, wrap_activations)
+from ds_jax.quant.fake import (QSTATE_KEY, fake_quantize, init_qstate, qat_params,
+                               qat_transform, quantized_paths, split_qstate, with_qstate,
+                               wrap_activations)
 from ds_jax.quant.matmul import ActQuantKernel, PackedKernel
 from ds_jax.quant.pack import (FORMAT_VERSION, file_bytes, load_packed, pack_int4,
                                quantize_params, save_packed)
@@ -19,8 +20,8 @@ from ds_jax.quant.pack import (FORMAT_VERSION, file_bytes, load_packed, pack_int
 PackedInt4Kernel = PackedKernel  # the name the design uses; one class serves 4 and 8 bits
 
 __all__ = [
-    "ActQuantKernel", "FORMAT_VERSION", "PackedInt4Kernel", "PackedKernel", "QuantConfig",
+    "ActQuantKernel", "FORMAT_VERSION", "QSTATE_KEY", "PackedInt4Kernel", "PackedKernel", "QuantConfig",
     "QuantRule", "default_quant_config", "fake_quantize", "file_bytes", "from_config",
     "init_qstate", "load_packed", "pack_int4", "qat_params", "qat_transform", "quant_config", "quantize_params",
-    "quantized_paths", "save_packed", "wrap_activations",
+    "quantized_paths", "save_packed", "split_qstate", "with_qstate", "wrap_activations",
 ]

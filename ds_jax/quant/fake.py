@@ -112,15 +112,41 @@ def qat_params(params: Any, qcfg: QuantConfig, qstate: Optional[dict[str, Array]
   return wrap_activations(fake_quantize(params, qcfg, qstate), qcfg)
 
 
+QSTATE_KEY = "quant_log_scales"  # top-level params entry: trained LSQ scales, {path: log s}
+
+
+def with_qstate(params: Any, qcfg: QuantConfig) -> Any:
+  """params plus `params[QSTATE_KEY]` = log of `init_qstate(params, qcfg)`: LSQ scales that the
+  optimizer trains with the weights (`qat_transform` pops them before the forward).
+
+  The scales are trained as logarithms: under Adam every parameter moves by about the learning
+  rate per step, which for a raw scale of ~1e-2 would be a several-percent jump per step at the
+  weights' learning rate; in log space the same step is a relative change of lr."""
+  return {**params, QSTATE_KEY: {k: jnp.log(v) for k, v in init_qstate(params, qcfg).items()}}
+
+
+def split_qstate(params: Any) -> tuple[Any, Optional[dict[str, Array]]]:
+  """(params without QSTATE_KEY, {path: scale} or None): the inverse of `with_qstate`."""
+  if not (isinstance(params, dict) and QSTATE_KEY in params):
+    return params, None
+  params = dict(params)
+  return params, {k: jnp.exp(v) for k, v in params.pop(QSTATE_KEY).items()}
+
+
 def qat_transform(qcfg: QuantConfig, qstate: Optional[dict[str, Array]] = None
                   ) -> Callable[[Any, Array], Any]:
   """(params, step) -> params for `LMTask.param_transforms`: float before `qcfg.start_step`,
-  fake-quantized weights and activations from it on (step may be traced)."""
+  fake-quantized weights and activations from it on (step may be traced).
+
+  LSQ scales are taken from `params[QSTATE_KEY]` when present (trained in the loop, see
+  `with_qstate`), else from `qstate`; the entry is removed from the returned tree."""
   def transform(params: Any, step: Array) -> Any:
+    params, qs = split_qstate(params)
+    qs = qstate if qs is None else qs
     if qcfg.start_step <= 0:
-      return qat_params(params, qcfg, qstate)
+      return qat_params(params, qcfg, qs)
     on = jnp.asarray(step) >= qcfg.start_step
-    fq = fake_quantize(params, qcfg, qstate)
+    fq = fake_quantize(params, qcfg, qs)
     mixed = jax.tree.map(lambda q, w: jnp.where(on, q, w), fq, params)
     return wrap_activations(mixed, qcfg, on)
   return transform

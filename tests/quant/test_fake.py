@@ -140,3 +140,27 @@ def test_experts_quantized_per_expert_and_group():
     for e in range(3):
       np.testing.assert_allclose(got[l, e], ref_qdq(w[l, e], 4, 32, True), atol=1e-5, rtol=1e-6)
   assert rel_err(got[0, 0], w[0, 0]) < 0.11
+
+
+def test_lsq_scales_in_params_are_used_and_trained():
+  """`with_qstate` puts LSQ (log) scales into the params; `qat_transform` pops them, uses them,
+  and the gradient reaches them (so the optimizer trains them with the weights)."""
+  w = jax.random.normal(jax.random.PRNGKey(5), (64, 8))
+  params = {"mlp": {"up_proj": {"kernel": w}}}
+  qcfg = quant.quant_config(bits=4, group_size=32, calibration="lsq", scale_dtype="float32")
+  p = quant.with_qstate(params, qcfg)
+  assert set(p[quant.QSTATE_KEY]) == {"mlp/up_proj/kernel"}
+  out = quant.qat_transform(qcfg)(p, jnp.asarray(0))
+  assert quant.QSTATE_KEY not in out
+  _, qs = quant.split_qstate(p)
+  np.testing.assert_allclose(np.asarray(qs["mlp/up_proj/kernel"]),
+                             np.asarray(quant.init_qstate(params, qcfg)["mlp/up_proj/kernel"]),
+                             rtol=1e-6)
+  ref = quant.fake_quantize(params, qcfg, qs)
+  np.testing.assert_array_equal(np.asarray(out["mlp"]["up_proj"]["kernel"]),
+                                np.asarray(ref["mlp"]["up_proj"]["kernel"]))
+  target = jnp.roll(w, 1, axis=0)
+  loss = lambda q: jnp.sum((quant.qat_transform(qcfg)(q, 0)["mlp"]["up_proj"]
+                            ["kernel"] - target) ** 2)
+  g = jax.grad(loss)(p)[quant.QSTATE_KEY]["mlp/up_proj/kernel"]
+  assert g.shape == (2, 1, 8) and np.all(np.isfinite(np.asarray(g))) and np.any(np.asarray(g))
