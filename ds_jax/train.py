@@ -21,6 +21,7 @@ from ds_jax import sharding as shd
 from ds_jax.config import ModelConfig
 from ds_jax.losses import lm_loss
 from ds_jax.models.lm import Transformer
+from ds_jax.nn.mtp import mtp_loss
 from ds_jax.optim import make_optimizer, schedule
 
 
@@ -68,11 +69,12 @@ class LMTask:
     moe = aux.get("moe") or {}
     if aux.get("mtp_moe"):  # MoE blocks of the MTP modules balance like the trunk's
       obj = obj + jnp.sum(aux["mtp_moe"]["aux_loss"]) / n_micro
+      metrics["mtp_moe/load"] = aux["mtp_moe"]["load"] / n_micro  # for the V3 bias update
     if moe:
       obj = obj + jnp.sum(moe["aux_loss"]) / n_micro
       metrics.update({f"moe/{k}": v / n_micro for k, v in moe.items()})
     if "mtp_logits" in aux:
-      mtp = mtp_loss(aux["mtp_logits"], batch["targets"], batch["weights"])
+      mtp, _ = mtp_loss(aux["mtp_logits"], batch["targets"], batch["weights"], offset=1)
       obj = obj + self.mc.mtp_loss_weight * mtp / n_micro
       metrics["mtp_loss"] = mtp / n_micro
     return obj, metrics
@@ -87,21 +89,9 @@ class LMTask:
     """Updates outside the optimizer (DeepSeek-V3's aux-loss-free expert bias)."""
     if self.mc.is_moe and self.mc.topk_method == "noaux_tc" and self.mc.bias_update_speed > 0:
       from ds_jax.nn.moe import bias_update
-      return bias_update(params, metrics["moe/load"], step, self.mc)
+      return bias_update(params, metrics["moe/load"], step, self.mc,
+                         mtp_load=metrics.get("mtp_moe/load"))
     return params
-
-
-def mtp_loss(mtp_logits_NxBxLxV, targets_BxL, weights_BxL):
-  """Mean CE of multi-token-prediction depth k predicting targets shifted by k+1."""
-  n, _, length, _ = mtp_logits_NxBxLxV.shape
-  losses = []
-  for k in range(n):
-    shift = k + 1
-    t = jnp.pad(targets_BxL[:, shift:], ((0, 0), (0, shift)))
-    w = jnp.pad(weights_BxL[:, shift:], ((0, 0), (0, shift)))
-    loss, _ = lm_loss(mtp_logits_NxBxLxV[k], t, w)
-    losses.append(loss)
-  return jnp.mean(jnp.stack(losses))
 
 
 def _select(ok, new, old):

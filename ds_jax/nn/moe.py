@@ -24,7 +24,7 @@ Parameters use the Hugging Face DeepSeek names so checkpoint conversion is mecha
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import flax
 import flax.linen as nn
@@ -106,12 +106,15 @@ class MoE(nn.Module):
     return y_BxLxD.astype(dtype), {key: aux[key] for key in AUX_KEYS}
 
 
-def bias_update(params: Any, load_by_layer: Array, step: Array | int, cfg: ModelConfig) -> Any:
+def bias_update(params: Any, load_by_layer: Array, step: Array | int, cfg: ModelConfig,
+                mtp_load: Optional[Array] = None) -> Any:
   """DeepSeek-V3 aux-loss-free balancing, applied to a model's params outside the optimizer.
 
   `load_by_layer` is [num MoE layers, E] in layer order (the model's stacked `aux["moe"]["load"]`,
   averaged over micro-batches if any); every `gate/e_score_correction_bias` moves by
-  gamma * sign(mean load - load_i). Returns a new params tree (the input is not modified).
+  gamma * sign(mean load - load_i). `mtp_load` ([MTP depths, E], `aux["mtp_moe"]["load"]`)
+  updates the MoE blocks of the multi-token-prediction modules (`mtp_<j>`) the same way.
+  Returns a new params tree (the input is not modified).
   """
   if cfg.topk_method != "noaux_tc" or not cfg.is_moe:
     return params
@@ -127,4 +130,9 @@ def bias_update(params: Any, load_by_layer: Array, step: Array | int, cfg: Model
     else:
       gate["e_score_correction_bias"] = bias.at[pos].set(
           rt.update_bias(bias[pos], load_by_layer[j], step, cfg))
+  if mtp_load is not None:
+    for j in range(mtp_load.shape[0]):
+      gate = params[f"mtp_{j}"]["block"]["mlp"]["gate"]
+      gate["e_score_correction_bias"] = rt.update_bias(gate["e_score_correction_bias"],
+                                                       mtp_load[j], step, cfg)
   return params

@@ -83,11 +83,13 @@ def mtp_forward(cfg: ModelConfig, h_BxLxD: jax.Array, emb_BxLxD: jax.Array,
 
 
 def mtp_loss(mtp_logits_NxBxLxV: jax.Array, tokens_BxL: jax.Array,
-             weights_BxL: Optional[jax.Array] = None) -> tuple[jax.Array, dict[str, Any]]:
+             weights_BxL: Optional[jax.Array] = None, offset: int = 2
+             ) -> tuple[jax.Array, dict[str, Any]]:
   """Mean over depths of each depth's token-mean cross-entropy (DeepSeek-V3 eq. 24 without λ).
 
-  Depth j's logits at position i are scored against tokens[:, i + j + 2]; `weights_BxL` (e.g. a
-  padding mask) weights target tokens.
+  Depth j's logits at position i are scored against `tokens_BxL[:, i + j + offset]`: offset 2
+  for the model's input tokens, offset 1 for next-token targets (`targets[i] = tokens[i + 1]`,
+  what the train step holds). `weights_BxL` (e.g. a padding mask) weights target tokens.
   """
   from ds_jax.losses import lm_loss  # lazily: this module is imported while tracing (lm.py)
   n, _, length, _ = mtp_logits_NxBxLxV.shape
@@ -95,7 +97,7 @@ def mtp_loss(mtp_logits_NxBxLxV: jax.Array, tokens_BxL: jax.Array,
     weights_BxL = jnp.ones(tokens_BxL.shape, jnp.float32)
   per_depth = []
   for j in range(n):
-    s = j + 2
+    s = j + offset
     if s >= length:
       raise ValueError(f"MTP depth {j + 1} needs sequences longer than {s}; got {length}")
     loss, _ = lm_loss(mtp_logits_NxBxLxV[j, :, :length - s], tokens_BxL[:, s:],

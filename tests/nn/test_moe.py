@@ -182,3 +182,33 @@ def test_bias_update_on_model_params(scan):
   name, pos = lm.layer_location(cfg, 1)
   old = params[name]["block"]["mlp"]["gate"]["e_score_correction_bias"]
   assert float(jnp.abs(old).max()) == 0.0  # the input tree is untouched
+
+
+def test_bias_update_covers_mtp_moe_blocks():
+  """The MTP modules' MoE gates get the V3 bias update from their own load, through a train step."""
+  import numpy as onp
+  from ds_jax import config as cfglib
+  from ds_jax import sharding as shd
+  from ds_jax.train import Trainer
+  cfg = cfglib.load_config("experiments/tiny_moe.py", [
+      "model.num_hidden_layers=2", "model.hidden_size=32", "model.intermediate_size=64",
+      "model.moe_intermediate_size=16", "model.n_routed_experts=4",
+      "model.num_experts_per_tok=2", "model.first_k_dense_replace=1",
+      "model.topk_method=noaux_tc", "model.scoring_func=sigmoid", "model.n_group=1",
+      "model.topk_group=1", "model.aux_loss_alpha=0.0", "model.bias_update_speed=0.01",
+      "model.num_nextn_predict_layers=1", "batch_size=2", "seq_len=16"])
+  cfg.mesh.update(dict(data=1, fsdp=1, expert=1, tensor=1))
+  mc = cfglib.validate(cfg, 1)
+  mesh = shd.make_mesh(cfglib.mesh_shape(cfg, 1), jax.devices()[:1])
+  tr = Trainer(cfg, mc, mesh)
+  state = tr.init_state()
+  toks = onp.random.default_rng(0).integers(0, mc.vocab_size, (2, 17)).astype(onp.int32)
+  batch = {"inputs": toks[:, :-1], "targets": toks[:, 1:],
+           "weights": onp.ones((2, 16), onp.float32)}
+  bias0 = onp.asarray(state.params["mtp_0"]["block"]["mlp"]["gate"]["e_score_correction_bias"])
+  state, _ = tr.step(state, batch)
+  bias1 = onp.asarray(state.params["mtp_0"]["block"]["mlp"]["gate"]["e_score_correction_bias"])
+  step = bias1 - bias0
+  # Every expert moves by exactly +-gamma (sign of mean load - load), or 0 at the mean.
+  onp.testing.assert_allclose(onp.abs(step)[onp.abs(step) > 0], 0.01, rtol=1e-5)
+  assert onp.abs(step).max() > 0
