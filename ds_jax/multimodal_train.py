@@ -37,10 +37,23 @@ def default_config() -> ml_collections.ConfigDict:
   c.epochs = 30
   c.text_encoder = "byte_transformer"
   c.image_encoder = "vit"
-  c.audio_processor = "log_mel"
+  c.audio_processor = "log_mel"  # | "waveform" (with audio_encoder="wav2vec2")
+  # Tower kinds beyond the seed's: text_encoder "lm" (a ds_jax LM, ds_jax.models.lm_tower),
+  # audio_encoder "wav2vec2" (ds_jax.models.hf_wav2vec2, raw waveforms). `pretrained.<m>`: a
+  # local directory whose weights initialise tower m (image: HF CLIP / CLIP-vision; audio: HF
+  # wav2vec2; text with "lm": a ds_jax LM workdir or HF directory); its config then replaces
+  # model.<m>. `freeze`: comma-separated towers kept fixed (LiT), e.g. "image" or "image,audio".
+  c.audio_encoder = "patch_transformer"
+  c.pretrained = ml_collections.ConfigDict(dict(text="", image="", audio=""))
+  c.freeze = ""
   c.alignment_loss = "contrastive_mse"
   c.contrastive = "softmax"  # softmax (CLIP) | sigmoid (SigLIP)
   c.mse_weight = 0.5
+  # The MSE term alone is minimised by collapse (every z equal); switched on from the start it
+  # wins over the contrastive term and training stalls at chance (measured: docs/multimodal.md).
+  # Its weight therefore ramps linearly from 0 at mse_ramp[0] to mse_weight at mse_ramp[1]
+  # (fractions of the total steps).
+  c.mse_ramp = (0.1, 0.4)
   c.cmaa = True
   c.cmaa_weight = 0.5
   c.pairing = "all"  # all | image_anchored
@@ -52,8 +65,16 @@ def default_config() -> ml_collections.ConfigDict:
   c.log_every = 20
   c.eval_every_epochs = 5
   c.text_len = 32
-  c.data = ml_collections.ConfigDict(dict(train_per_class=200, test_per_class=50))
-  enc = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+  # data.seed fixes the generated speech (the model / batch-order seed is c.seed); cache_dir ""
+  # = <workdir>/data_cache; eval_split "test" (held-out voices) or "val" (training voices, for
+  # tuning without looking at the test voices).
+  c.data = ml_collections.ConfigDict(dict(train_per_class=200, test_per_class=50, seed=0,
+                                          cache_dir="", eval_split="test"))
+  # initializer_range 0.1 (not CLIP's 0.02, tuned for width 768): with 0.02 the contrastive
+  # loss sat at chance (log 64) for ~30 steps and the gradient norm spiked to 100 on escape; with
+  # 0.1 it fell earlier and stayed stable (60-step probe, docs/multimodal.md "Results").
+  enc = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             initializer_range=0.1)
   c.model = ml_collections.ConfigDict(dict(
       text=dict(enc, max_position_embeddings=32), image=dict(enc, patch_size=2, image_size=8),
       audio=dict(enc, patch_frames=4, max_frames=100), shared_width=64, embed_dim=64,
@@ -71,16 +92,44 @@ def model_config(c: ml_collections.ConfigDict) -> mm.MultimodalConfig:
     raise ConfigError("pairing", f"must be one of {', '.join(PAIRINGS)}; got {c.pairing!r}")
   if c.contrastive not in ("softmax", "sigmoid"):
     raise ConfigError("contrastive", f"must be softmax or sigmoid; got {c.contrastive!r}")
-  for field, allowed in (("text_encoder", ("byte_transformer",)), ("image_encoder", ("vit",)),
-                         ("audio_processor", ("log_mel",))):
-    if c[field] not in allowed:
+  for field, allowed in (("text_encoder", ("byte_transformer", "lm")), ("image_encoder", ("vit",)),
+                         ("audio_processor", ("log_mel", "waveform")),
+                         ("audio_encoder", ("patch_transformer", "wav2vec2"))):
+    if c.get(field, allowed[0]) not in allowed:
       raise ConfigError(field, f"must be one of {', '.join(allowed)}; got {c[field]!r}")
+  wav2vec2 = c.get("audio_encoder", "") == "wav2vec2"
+  if wav2vec2 != (c.audio_processor == "waveform"):
+    raise ConfigError("audio_processor", "wav2vec2 takes raw waveforms: use audio_encoder="
+                      "wav2vec2 with audio_processor=waveform (and log_mel otherwise)")
+  frozen = tuple(filter(None, c.get("freeze", "").split(",")))
+  if set(frozen) - set(mm.MODALITIES):
+    raise ConfigError("freeze", f"must name towers among {', '.join(mm.MODALITIES)}; "
+                      f"got {c.freeze!r}")
   m = c.model
+  pre = c.get("pretrained", {})
+  if pre.get("text") and c.text_encoder != "lm":
+    raise ConfigError("pretrained.text", "needs text_encoder=lm (a ds_jax LM workdir / HF dir)")
+  if pre.get("audio") and not wav2vec2:
+    raise ConfigError("pretrained.audio", "needs audio_encoder=wav2vec2 (a HF wav2vec2 dir)")
+  if c.text_encoder == "lm":
+    from ds_jax.models import lm_tower
+    text = lm_tower.lm_tower_config(m.text.to_dict(), pre.get("text", ""))
+  else:
+    text = EncoderConfig(**m.text.to_dict())
+  if pre.get("image"):
+    from ds_jax.models import hf_encoders
+    image = hf_encoders.clip_vision_config(pre["image"])
+  else:
+    image = EncoderConfig(**m.image.to_dict())
+  if wav2vec2:
+    from ds_jax.models import hf_wav2vec2
+    audio = hf_wav2vec2.tower_config(m.audio.to_dict(), pre.get("audio", ""))
+  else:
+    audio = EncoderConfig(**m.audio.to_dict())
   return mm.MultimodalConfig(
-      text=EncoderConfig(**m.text.to_dict()), image=EncoderConfig(**m.image.to_dict()),
-      audio=EncoderConfig(**m.audio.to_dict()), shared_width=m.shared_width,
+      text=text, image=image, audio=audio, shared_width=m.shared_width,
       embed_dim=m.embed_dim, pool_heads=m.pool_heads, cmaa=c.cmaa,
-      pairs=PAIRINGS[c.pairing], contrastive=c.contrastive)
+      pairs=PAIRINGS[c.pairing], contrastive=c.contrastive, frozen=frozen)
 
 
 def audio_features(wave_BxS: jax.Array) -> jax.Array:
@@ -88,8 +137,10 @@ def audio_features(wave_BxS: jax.Array) -> jax.Array:
   return A.log_mel(wave_BxS)
 
 
-def model_inputs(batch: dict) -> dict:
-  return {"text": batch["text"], "image": batch["image"], "audio": audio_features(batch["audio"])}
+def model_inputs(batch: dict, mcfg: Optional[mm.MultimodalConfig] = None) -> dict:
+  audio = (audio_features(batch["audio"]) if mcfg is None
+           else mm.audio_features(mcfg, batch["audio"]))
+  return {"text": batch["text"], "image": batch["image"], "audio": audio}
 
 
 def make_optimizer(c: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
@@ -97,8 +148,36 @@ def make_optimizer(c: ml_collections.ConfigDict, total_steps: int) -> optax.Grad
                                              max(total_steps, c.warmup_steps + 1),
                                              c.learning_rate * 0.05)
   decay_mask = lambda p: jax.tree.map(lambda x: x.ndim >= 2, p)
-  return optax.chain(optax.clip_by_global_norm(c.grad_clip),
-                     optax.adamw(sched, weight_decay=c.weight_decay, mask=decay_mask))
+  tx = optax.chain(optax.clip_by_global_norm(c.grad_clip),
+                   optax.adamw(sched, weight_decay=c.weight_decay, mask=decay_mask))
+  frozen = [f"{m}_tower" for m in filter(None, c.get("freeze", "").split(","))]
+  if not frozen:
+    return tx
+  # LiT: frozen towers get no update and no optimizer state (their gradient is also stopped)
+  labels = lambda p: {k: jax.tree.map(lambda _: "frozen" if k in frozen else "train", v)
+                      for k, v in p.items()}
+  return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+
+
+_STEP_CACHE: dict = {}
+
+
+def _step_key(c: ml_collections.ConfigDict, total_steps: int) -> str:
+  """Everything the compiled step depends on: the config without seeds, data and logging."""
+  d = c.to_dict()
+  for k in ("seed", "data", "log_every", "eval_every_epochs", "epochs"):
+    d.pop(k, None)
+  return json.dumps(d, sort_keys=True, default=str) + f"/{total_steps}"
+
+
+def cached_train_step(c: ml_collections.ConfigDict, mcfg: mm.MultimodalConfig, total_steps: int):
+  """(tx, train_step), reused across runs in one process that differ only in seed / data: the
+  seeds of an ablation arm then share one compile."""
+  key = _step_key(c, total_steps)
+  if key not in _STEP_CACHE:
+    tx = make_optimizer(c, total_steps)
+    _STEP_CACHE[key] = (tx, make_train_step(c, mcfg, tx))
+  return _STEP_CACHE[key]
 
 
 def make_train_step(c: ml_collections.ConfigDict, mcfg: mm.MultimodalConfig,
@@ -107,16 +186,17 @@ def make_train_step(c: ml_collections.ConfigDict, mcfg: mm.MultimodalConfig,
   mse_weight = 0.0 if c.alignment_loss == "contrastive" else c.mse_weight
   only_mse = c.alignment_loss == "mse"
 
-  def loss_fn(params, batch):
+  def loss_fn(params, batch, mse_scale):
     loss, aux = mm.tri_modal_loss(
-        model, params, model_inputs(batch), batch["label"], pairs=mcfg.pairs,
-        kind=mcfg.contrastive, mse_weight=mse_weight, cmaa_weight=c.cmaa_weight,
+        model, params, model_inputs(batch, mcfg), batch["label"], pairs=mcfg.pairs,
+        kind=mcfg.contrastive, mse_weight=mse_weight * mse_scale, cmaa_weight=c.cmaa_weight,
         multi_positive=c.multi_positive, contrastive_weight=0.0 if only_mse else 1.0)
     return loss, aux
 
   @functools.partial(jax.jit, donate_argnums=(0, 1))
-  def train_step(params, opt_state, batch):
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch)
+  def train_step(params, opt_state, batch, mse_scale=1.0):
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch,
+                                                                    jnp.float32(mse_scale))
     updates, opt_state = tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
     return params, opt_state, dict(aux, loss=loss, grad_norm=optax.global_norm(grads))
@@ -125,7 +205,30 @@ def make_train_step(c: ml_collections.ConfigDict, mcfg: mm.MultimodalConfig,
 
 
 def init_state(c: ml_collections.ConfigDict, mcfg: mm.MultimodalConfig, example: dict):
-  params = mm.init_params(mcfg, jax.random.key(c.seed), model_inputs(example))
+  params = mm.init_params(mcfg, jax.random.key(c.seed), model_inputs(example, mcfg))
+  return load_pretrained_towers(c, params)
+
+
+def load_pretrained_towers(c: ml_collections.ConfigDict, params: dict) -> dict:
+  """Replace the towers named in `c.pretrained` by their loaded weights (shapes must match)."""
+  pre = c.get("pretrained", {})
+  loaded = {}
+  if pre.get("text"):
+    from ds_jax.models import lm_tower
+    loaded["text"] = {"lm": lm_tower.load_lm_tower(pre["text"])[1]}
+  if pre.get("image"):
+    from ds_jax.models import hf_encoders
+    loaded["image"] = hf_encoders.load_clip_vision(pre["image"])[1]
+  if pre.get("audio"):
+    from ds_jax.models import hf_wav2vec2
+    loaded["audio"] = hf_wav2vec2.load_wav2vec2(pre["audio"])[1]
+  params = dict(params)
+  for m, tree in loaded.items():
+    want = params[f"{m}_tower"]
+    if jax.tree.structure(want) != jax.tree.structure(tree) or jax.tree.map(
+        np.shape, want) != jax.tree.map(np.shape, tree):
+      raise ValueError(f"pretrained.{m}: weights do not match the {m} tower's parameters")
+    params[f"{m}_tower"] = jax.tree.map(lambda a, b: jnp.asarray(b, a.dtype), want, tree)
   return params
 
 
@@ -154,6 +257,23 @@ def _log(path: str, record: dict) -> None:
                         for k, v in record.items()}) + "\n")
 
 
+def mse_scale(c: ml_collections.ConfigDict, step: int, total_steps: int) -> float:
+  """Factor on mse_weight at `step`: 0 before mse_ramp[0], linear to 1 at mse_ramp[1]."""
+  if c.alignment_loss == "mse":  # nothing to protect against: MSE is the only term
+    return 1.0
+  lo, hi = (float(x) * total_steps for x in c.get("mse_ramp", (0.0, 0.0)))
+  if step >= hi:
+    return 1.0
+  return max(0.0, (step - lo) / max(hi - lo, 1.0))
+
+
+def load_data(c: ml_collections.ConfigDict, workdir: str):
+  """(train, eval) DigitTri sets of a config (speech generated once, then cached)."""
+  return D.load_digit_tri(workdir, c.data.get("seed", 0), c.data.train_per_class,
+                          c.data.test_per_class, c.data.get("eval_split", "test"),
+                          c.data.get("cache_dir", "") or None)
+
+
 def train(c: ml_collections.ConfigDict, workdir: str, progress: bool = True) -> dict:
   """Train (resuming from `workdir` if it holds a checkpoint); returns the final eval metrics."""
   import orbax.checkpoint as ocp
@@ -163,10 +283,9 @@ def train(c: ml_collections.ConfigDict, workdir: str, progress: bool = True) -> 
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, "config.json"), "w") as f:
     json.dump(c.to_dict(), f, indent=1, default=str)
-  train_set, test_set = D.load_digit_tri(workdir, c.seed, c.data.train_per_class,
-                                         c.data.test_per_class)
+  train_set, test_set = load_data(c, workdir)
   steps_per_epoch = len(train_set.images) // c.batch_size
-  tx = make_optimizer(c, steps_per_epoch * c.epochs)
+  tx, train_step = cached_train_step(c, mcfg, steps_per_epoch * c.epochs)
   example = next(D.batches(train_set, c.batch_size, c.seed, 0, c.text_len, augment=False))
   params = init_state(c, mcfg, example)
   opt_state = tx.init(params)
@@ -177,17 +296,22 @@ def train(c: ml_collections.ConfigDict, workdir: str, progress: bool = True) -> 
     state = mngr.restore(mngr.latest_step(), args=ocp.args.StandardRestore(target))
     params, opt_state = state["params"], state["opt_state"]
     start_epoch, step = int(state["epoch"]) + 1, int(state["step"])
-  train_step = make_train_step(c, mcfg, tx)
   metrics_path = os.path.join(workdir, "metrics.jsonl")
   result: dict = {}
+  first = True
   for epoch in range(start_epoch, c.epochs):
     t0 = time.time()
     it = D.batches(train_set, c.batch_size, c.seed, epoch, c.text_len)
     bar = tqdm(it, total=steps_per_epoch, desc=f"epoch {epoch}", disable=not progress,
                leave=False)
     for batch in bar:
-      params, opt_state, m = train_step(params, opt_state, batch)
+      params, opt_state, m = train_step(params, opt_state, batch,
+                                        mse_scale(c, step, steps_per_epoch * c.epochs))
       step += 1
+      if epoch == start_epoch and first:  # includes the compile unless the step was cached
+        first = False
+        jax.block_until_ready(m)
+        _log(metrics_path, {"first_step_seconds": time.time() - t0, "step": step})
       if step % c.log_every == 0:
         m = jax.device_get(m)
         bar.set_postfix(loss=f"{float(m['loss']):.3f}")
@@ -208,6 +332,16 @@ def train(c: ml_collections.ConfigDict, workdir: str, progress: bool = True) -> 
   return result
 
 
+def enable_compile_cache(path: str = "") -> str:
+  """Persistent XLA cache (default ~/.cache/ds_jax/xla): a later process with the same train
+  step (another seed, a resumed run, the final evaluation) loads it instead of recompiling."""
+  path = path or os.environ.get("DS_JAX_XLA_CACHE") or os.path.expanduser("~/.cache/ds_jax/xla")
+  os.makedirs(path, exist_ok=True)
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+  return path
+
+
 def main(argv=None) -> int:
   """`python -m ds_jax.multimodal_train --config experiments/mm_digits.py[:arg] --workdir W`."""
   import argparse
@@ -218,9 +352,10 @@ def main(argv=None) -> int:
   p.add_argument("--no-progress", action="store_true")
   a, rest = p.parse_known_args(argv)
   c = load_config(a.config, [r.lstrip("-") for r in rest])
+  enable_compile_cache()
   res = train(c, a.workdir, progress=not a.no_progress)
   from ds_jax import multimodal_eval as E
-  _, test_set = D.load_digit_tri(a.workdir, c.seed, c.data.train_per_class, c.data.test_per_class)
+  _, test_set = load_data(c, a.workdir)
   _, mcfg, params = restore_params(a.workdir)
   out, e, raw = E.evaluate(mcfg, params, test_set, c.text_len, return_raw=True)
   E.plot(e, raw, a.workdir)

@@ -98,8 +98,11 @@ class SpeechSet:
 def make_speech(split: str, per_class: int, seed: int) -> SpeechSet:
   """`per_class` clips of each digit word, each by a random voice of the split's voice pool."""
   train_v, test_v = split_variants()
-  accents, variants = (TRAIN_ACCENTS, train_v) if split == "train" else (TEST_ACCENTS, test_v)
-  rng = np.random.default_rng([seed, 0 if split == "train" else 1])
+  if split not in ("train", "val", "test"):
+    raise ValueError(f"split must be train, val or test; got {split!r}")
+  # "val": new clips by the *training* voice pool (for tuning without touching test voices)
+  accents, variants = (TEST_ACCENTS, test_v) if split == "test" else (TRAIN_ACCENTS, train_v)
+  rng = np.random.default_rng([seed, {"train": 0, "test": 1, "val": 2}[split]])
   clips, labels, voices = [], [], []
   for label in range(10):
     for _ in range(per_class):
@@ -113,10 +116,12 @@ def make_speech(split: str, per_class: int, seed: int) -> SpeechSet:
   return SpeechSet(clips, np.asarray(labels, np.int32), voices)
 
 
-def cached_speech(workdir: str, split: str, per_class: int, seed: int) -> SpeechSet:
-  """make_speech, cached as `<workdir>/data_cache/speech_<split>_<hash>.npz`."""
+def cached_speech(workdir: str, split: str, per_class: int, seed: int,
+                  cache_dir: Optional[str] = None) -> SpeechSet:
+  """make_speech, cached as `<cache_dir or workdir/data_cache>/speech_<split>_<hash>.npz`."""
   key = hashlib.sha1(f"{split}:{per_class}:{seed}:{TRAIN_ACCENTS}{TEST_ACCENTS}{SPOKEN}".encode())
-  path = os.path.join(workdir, "data_cache", f"speech_{split}_{key.hexdigest()[:10]}.npz")
+  path = os.path.join(cache_dir or os.path.join(workdir, "data_cache"),
+                      f"speech_{split}_{key.hexdigest()[:10]}.npz")
   if os.path.exists(path):
     d = np.load(path)
     cuts = np.cumsum(d["lengths"])[:-1]
@@ -159,11 +164,19 @@ class DigitTri:
 
 
 def load_digit_tri(workdir: str, seed: int = 0, train_per_class: int = 200,
-                   test_per_class: int = 50) -> tuple[DigitTri, DigitTri]:
+                   test_per_class: int = 50, eval_split: str = "test",
+                   cache_dir: Optional[str] = None) -> tuple[DigitTri, DigitTri]:
+  """(train, eval) sets. eval_split "test": the 450 test images and held-out voices; "val": 20%
+  of the training images (stratified, held out of training) and new clips by training voices."""
   t0 = time.time()
   xtr, ytr, xte, yte = digit_images()
-  train = DigitTri(xtr, ytr, cached_speech(workdir, "train", train_per_class, seed))
-  test = DigitTri(xte, yte, cached_speech(workdir, "test", test_per_class, seed))
+  if eval_split == "val":
+    from sklearn.model_selection import train_test_split
+    xtr, xte, ytr, yte = train_test_split(xtr, ytr, test_size=0.2, random_state=1, stratify=ytr)
+  elif eval_split != "test":
+    raise ValueError(f"eval_split must be test or val; got {eval_split!r}")
+  train = DigitTri(xtr, ytr, cached_speech(workdir, "train", train_per_class, seed, cache_dir))
+  test = DigitTri(xte, yte, cached_speech(workdir, eval_split, test_per_class, seed, cache_dir))
   load_digit_tri.seconds = time.time() - t0
   return train, test
 

@@ -81,3 +81,17 @@ def test_zero_shot_folder_skips_unreadable(tmp_path):
   (tmp_path / "i" / "0" / "bad.png").write_bytes(b"not png")
   res = E.zero_shot_folder(cfg, params, "image", str(tmp_path / "i"))
   assert res["num_files"] == 1 and len(res["unreadable"]) == 1 and res["accuracy"] == 1.0
+
+
+def test_val_split_uses_training_voices_and_training_images(tmp_path):
+  train_v, _ = D.split_variants()
+  v = D.make_speech("val", 1, seed=0)
+  assert all(x.split("+")[0] in D.TRAIN_ACCENTS and x.split("+")[1] in train_v for x in v.voices)
+  t = D.make_speech("train", 1, seed=0)
+  assert v.voices != t.voices  # its own random stream, not a copy of the training clips
+  with pytest.raises(ValueError):
+    D.make_speech("dev", 1, seed=0)
+  tr, va = D.load_digit_tri(str(tmp_path), 0, 1, 1, eval_split="val",
+                            cache_dir=str(tmp_path / "shared"))
+  assert len(tr.images) + len(va.images) == 1347  # the 450 test images are not used
+  assert sorted(os.listdir(tmp_path / "shared"))[0].startswith("speech_train")

@@ -70,3 +70,18 @@ def test_pairing_modes_route_gradients():
   assert norm(g["audio_tower"]) > 0 and norm(g["text_tower"]) > 0
   loss, aux, g, norm = _grads(mm.ALL_PAIRS, cmaa=False)
   assert not any("cmaa" in k for k in aux) and norm(g["cmaa_image_text"]) == 0
+
+
+def test_mse_ramp_and_step_cache_key():
+  from ds_jax import multimodal_train as T
+  c = T.default_config()
+  c.mse_ramp = (0.1, 0.4)
+  assert T.mse_scale(c, 0, 100) == 0.0 and T.mse_scale(c, 10, 100) == 0.0
+  assert abs(T.mse_scale(c, 25, 100) - 0.5) < 1e-9 and T.mse_scale(c, 40, 100) == 1.0
+  c.alignment_loss = "mse"
+  assert T.mse_scale(c, 0, 100) == 1.0  # MSE-only training is not ramped away
+  a, b = T.default_config(), T.default_config()
+  b.seed, b.data.seed, b.epochs = 3, 5, 2
+  assert T._step_key(a, 10) == T._step_key(b, 10) != T._step_key(a, 11)
+  b.cmaa = False
+  assert T._step_key(a, 10) != T._step_key(b, 10)
