@@ -40,7 +40,7 @@ def _encoder(cfg, modality):
   if key not in _ENCODERS:
     def f(params, x):
       if modality == "audio":
-        x = A.log_mel(x)
+        x = mm.audio_features(cfg, x)
       return mm.encode(cfg, params, modality, x)
     _ENCODERS[key] = jax.jit(f)
   return _ENCODERS[key]
