@@ -402,3 +402,36 @@ def test_moe_mla_model_per_expert_adapters(matmul):
       "down_proj"]
   diff = np.abs(np.asarray(w1 - w2)).reshape(1, 4, -1).max(-1)[0]
   assert diff[0] > 0 and not diff[1:].any()
+
+
+def _lora_sweep_module():
+  import importlib.util
+  import os
+  path = os.path.join(os.path.dirname(__file__), "..", "scripts", "lora_sweep.py")
+  spec = importlib.util.spec_from_file_location("lora_sweep", path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+def test_lora_sweep_split_and_trainable_fraction():
+  """The issue-7 experiment: train/dev/test pieces are disjoint and cover the domain; r = 8 on
+  every linear layer but the routed experts is <= 1% of the model's parameters."""
+  from ds_jax.config import model_config
+  s = _lora_sweep_module()
+  docs = {"a": "x" * 5000, "b": "y" * 700, "c": "".join(map(chr, range(65, 91))) * 200}
+  train, dev, test = s.split_pieces(docs, piece=512)
+  assert sorted("".join(train + dev + test)) == sorted("".join(docs.values()))
+  assert sum(map(len, train + dev + test)) == sum(map(len, docs.values()))
+  assert len(test) == round(0.2 * len(train + dev + test)) and dev and train
+  assert s.split_pieces(docs, piece=512) == (train, dev, test)  # fixed, seed-independent
+  cfg, _ = s.load_experiment("adapt")
+  shapes = jax.eval_shape(lambda k: lm.init(model_config(cfg.model), k), jax.random.key(0))
+  params = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
+  adapted = lora.add_adapter(params, "a", lora.LoraConfig(r=8, **s.TARGETS[s.MAIN_TARGET]),
+                             jax.random.key(0))
+  counts = lora.count_params(adapted)
+  assert counts["trainable"] / counts["base"] <= 0.01
+  kernels = lora.lora_kernels(adapted)
+  assert not any("/experts/" in p for p in kernels)
+  assert any("shared_experts" in p for p in kernels) and any("o_proj" in p for p in kernels)
