@@ -2,7 +2,7 @@
 
   python scripts/lora_sweep.py --out runs/lora_sweep --phase tune            # seed 0, dev split
   python scripts/lora_sweep.py --out runs/lora_sweep --phase sweep --seeds 0,1,2 \
-      --full-lr <chosen> --lora-lr <chosen>                                  # test split
+      [--full-lr auto --lora-lr auto]   # the tune phase's best dev lr; reports the test split
   python scripts/lora_sweep.py --out runs/lora_sweep --phase pretrain --seeds 1,2  # bases only
   python scripts/lora_sweep.py --out /tmp/lora_smoke --phase tune --smoke    # functional check
 
@@ -187,6 +187,17 @@ def variant_list(args) -> list[tuple[str, Optional[dict], float]]:
   return out
 
 
+def choose_lr(rows_path: str, run: str, value: str) -> float:
+  """`value` as a float, or for "auto" the tune-phase lr of `run` with the lowest dev loss."""
+  if value != "auto":
+    return float(value)
+  rows = [json.loads(l) for l in open(rows_path)] if os.path.exists(rows_path) else []
+  tune = [r for r in rows if r.get("phase") == "tune" and r["run"] == run]
+  if not tune:
+    raise SystemExit(f"no tune-phase rows for {run!r} in {rows_path}: run --phase tune first")
+  return min(tune, key=lambda r: r["dev_after"])["lr"]
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--out", required=True)
@@ -196,8 +207,10 @@ def main(argv=None) -> int:
   p.add_argument("--ranks", default="1,4,8,64", help=f"rank sweep on {MAIN_TARGET}")
   p.add_argument("--targets", default="qv,all-linear,experts", help="target sweep at r=8")
   p.add_argument("--tune-targets", default=MAIN_TARGET)
-  p.add_argument("--full-lr", type=float, default=1e-3)
-  p.add_argument("--lora-lr", type=float, default=1e-2)
+  p.add_argument("--full-lr", default="auto",
+                 help="a number, or auto: the grid value with the best dev improvement of the "
+                 "tune phase in <out>/results.jsonl")
+  p.add_argument("--lora-lr", default="auto", help="as --full-lr, for LoRA (all variants)")
   p.add_argument("--steps", type=int, default=0, help="override adaptation steps")
   p.add_argument("--smoke", action="store_true")
   p.add_argument("--table", default="", help="print the table of this results.jsonl and exit")
@@ -223,6 +236,10 @@ def main(argv=None) -> int:
     with open(rows_path, "a") as f:
       f.write(json.dumps(row) + "\n")
 
+  if a.phase == "sweep":
+    a.full_lr, a.lora_lr = choose_lr(rows_path, "full", a.full_lr), choose_lr(
+        rows_path, f"lora r=8 {MAIN_TARGET}", a.lora_lr)
+    print(f"learning rates: full {a.full_lr:g}, LoRA {a.lora_lr:g}", flush=True)
   seeds = [0] if a.phase == "tune" else list(map(int, a.seeds.split(",")))
   for seed in seeds:
     base, prow = pretrain(a, seed)
@@ -249,6 +266,9 @@ def main(argv=None) -> int:
         cfg.steps = a.steps
       same = [r for r in done if r.get("phase") == "tune" and (r["run"], r["seed"], r["lr"],
                                                                 r["steps"]) == (name, seed, lr, cfg.steps)]
+      if any(r.get("phase") == a.phase and (r["run"], r["seed"], r["lr"], r["steps"]) ==
+             (name, seed, lr, cfg.steps) for r in done):
+        continue  # already in results.jsonl (an earlier or parallel invocation)
       if a.phase == "sweep" and same:  # the identical run (seed, data, lr) of the tune phase
         emit(dict(same[-1], phase="sweep", reused_from_tune=True))
         continue
