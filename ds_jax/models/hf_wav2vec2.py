@@ -250,6 +250,22 @@ def wav2vec2_config(hf: Any, **overrides: Any) -> Wav2Vec2Config:
   return cfg
 
 
+def tower_config(fields: Optional[Mapping] = None, pretrained: str = "") -> Wav2Vec2Config:
+  """The tri-modal audio tower's config: from `config.model.audio` (Wav2Vec2Config fields; keys
+  of the default log-mel tower such as patch_frames are ignored) or, when `pretrained` is a HF
+  directory, from its config.json (and `do_normalize` from its preprocessor_config.json)."""
+  d = {k: (tuple(v) if isinstance(v, list) else v) for k, v in dict(fields or {}).items()
+       if k in FIELDS}
+  if not pretrained:
+    return Wav2Vec2Config(**d)
+  pp = os.path.join(pretrained, "preprocessor_config.json")
+  over = {k: d[k] for k in ("dtype", "do_normalize") if k in d}
+  if os.path.exists(pp) and "do_normalize" not in over:
+    with open(pp) as f:
+      over["do_normalize"] = bool(json.load(f).get("do_normalize", True))
+  return wav2vec2_config(pretrained, **over)
+
+
 def _np(t: Any) -> np.ndarray:
   if hasattr(t, "detach"):
     t = t.detach().cpu().float().numpy()

@@ -83,3 +83,78 @@ def test_wav2vec2_config_from_dict_and_normalize():
   got = np.asarray(W.normalize_waveform(jnp.asarray(x), jnp.asarray(m)))
   np.testing.assert_allclose(got[0], want[0], atol=1e-5)
   np.testing.assert_allclose(got[1], want[1], atol=1e-5)
+
+
+def test_wav2vec2_tower_selection_and_lit_optimizer_mask():
+  from ds_jax import multimodal_train as MT
+  from ds_jax.config import ConfigError
+  c = MT.default_config()
+  c.audio_encoder = "wav2vec2"
+  with pytest.raises(ConfigError, match="audio_processor"):  # wav2vec2 needs waveforms
+    MT.model_config(c)
+  c.audio_processor = "waveform"
+  c.model.audio.update(dict(conv_dim=[8, 8], conv_stride=[5, 4], conv_kernel=[10, 4]))
+  mcfg = MT.model_config(c)
+  assert mcfg.audio == W.Wav2Vec2Config(hidden_size=64, intermediate_size=128,
+                                        num_hidden_layers=2, num_attention_heads=4,
+                                        conv_dim=(8, 8), conv_stride=(5, 4), conv_kernel=(10, 4))
+  assert mcfg.frozen == ()
+  c.freeze = "audio,sound"
+  with pytest.raises(ConfigError, match="freeze"):
+    MT.model_config(c)
+  c.freeze = "image,audio"
+  assert MT.model_config(c).frozen == ("image", "audio")
+  params = {"audio_tower": {"w": jnp.ones((2, 2))}, "image_tower": {"w": jnp.ones((2, 2))},
+            "text_tower": {"w": jnp.ones((2, 2))}, "audio_head": {"w": jnp.ones((2, 2))}}
+  tx = MT.make_optimizer(c, 10)
+  state = tx.init(params)
+  grads = jax.tree.map(jnp.ones_like, params)
+  for _ in range(2):
+    updates, state = tx.update(grads, state, params)
+  assert not updates["audio_tower"]["w"].any() and not updates["image_tower"]["w"].any()
+  assert updates["text_tower"]["w"].all() and updates["audio_head"]["w"].all()
+
+
+@pytest.mark.slow
+def test_wav2vec2_audio_tower_in_trimodal_pretrained_and_frozen(tmp_path):
+  """audio_encoder=wav2vec2 from a HF directory, frozen (LiT): one train step leaves it as
+  loaded while the other towers move."""
+  from ds_jax import multimodal_train as MT
+  from ds_jax.models import multimodal as mm
+  from ds_jax.models.encoders import tokenize_bytes
+  model = _hf_model("large")
+  model.save_pretrained(str(tmp_path))
+  c = MT.default_config()
+  c.audio_encoder, c.audio_processor = "wav2vec2", "waveform"
+  c.pretrained.audio = str(tmp_path)
+  c.freeze = "audio"
+  c.cmaa = False
+  small = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+  c.model.text.update(small)
+  c.model.image.update(small)
+  c.model.shared_width = c.model.embed_dim = 16
+  mcfg = MT.model_config(c)
+  assert isinstance(mcfg.audio, W.Wav2Vec2Config) and mcfg.frozen == ("audio",)
+  rng = np.random.default_rng(0)
+  batch = {"image": rng.uniform(size=(4, 8, 8, 1)).astype(np.float32),
+           "audio": rng.normal(size=(4, 1600)).astype(np.float32),
+           "text": tokenize_bytes(["one", "two", "three", "four"], 32),
+           "label": np.arange(4, dtype=np.int32)}
+  params = MT.init_state(c, mcfg, batch)
+  want = W.load_wav2vec2(model)[1]
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), params["audio_tower"], want)
+  before = jax.tree.map(np.asarray, params)
+  tx = MT.make_optimizer(c, 10)
+  step = MT.make_train_step(c, mcfg, tx)
+  opt_state = tx.init(params)
+  for _ in range(2):  # the first step has learning rate 0 (warmup from 0)
+    params, opt_state, m = step(params, opt_state, batch)
+    assert np.isfinite(float(m["loss"]))
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), params["audio_tower"],
+               before["audio_tower"])
+  moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - b).max()),
+                       params["image_tower"], before["image_tower"])
+  assert max(jax.tree.leaves(moved)) > 0
+  # the audio input is the normalised raw waveform (also in evaluation)
+  np.testing.assert_allclose(mm.audio_features(mcfg, jnp.asarray(batch["audio"])),
+                             W.normalize_waveform(jnp.asarray(batch["audio"])), atol=1e-6)
