@@ -52,8 +52,9 @@ def default_config() -> ml_collections.ConfigDict:
   # The MSE term alone is minimised by collapse (every z equal); switched on from the start it
   # wins over the contrastive term and training stalls at chance (measured: docs/multimodal.md).
   # Its weight therefore ramps linearly from 0 at mse_ramp[0] to mse_weight at mse_ramp[1]
-  # (fractions of the total steps).
-  c.mse_ramp = (0.1, 0.4)
+  # (fractions of the total steps), after the contrastive loss has left chance. (0.1, 0.4) was
+  # too early: still collapsed (runs/mm_ablation, docs/multimodal.md "Results").
+  c.mse_ramp = (0.4, 0.8)
   c.cmaa = True
   c.cmaa_weight = 0.5
   c.pairing = "all"  # all | image_anchored
