@@ -175,8 +175,10 @@ def variant_list(args) -> list[tuple[str, Optional[dict], float]]:
   """(name, LoRA settings or None for full fine-tuning, lr) of the runs of one seed."""
   if args.phase == "tune":
     out = [("full", None, lr) for lr in FULL_LRS]
+    lrs = [float(x) for x in args.tune_lrs.split(",")] if args.tune_lrs else LORA_LRS
     for t in args.tune_targets.split(","):
-      out += [(f"lora r=8 {t}", dict(r=8, **TARGETS[t]), lr) for lr in LORA_LRS]
+      for r in map(int, args.tune_ranks.split(",")):
+        out += [(f"lora r={r} {t}", dict(r=r, **TARGETS[t]), lr) for lr in lrs]
     return out
   out = [("full", None, args.full_lr)]
   for r in map(int, args.ranks.split(",")):
@@ -184,6 +186,9 @@ def variant_list(args) -> list[tuple[str, Optional[dict], float]]:
   for t in args.targets.split(","):
     if t != MAIN_TARGET:
       out.append((f"lora r=8 {t}", dict(r=8, **TARGETS[t]), args.lora_lr))
+  for r in filter(None, args.own_lr_ranks.split(",")):  # ranks with their own tuned lr
+    out.append((f"lora r={r} {MAIN_TARGET} (own lr)", dict(r=int(r), **TARGETS[MAIN_TARGET]),
+                choose_lr(args.rows_path, f"lora r={r} {MAIN_TARGET}", "auto")))
   return out
 
 
@@ -207,6 +212,11 @@ def main(argv=None) -> int:
   p.add_argument("--ranks", default="1,4,8,64", help=f"rank sweep on {MAIN_TARGET}")
   p.add_argument("--targets", default="qv,all-linear,experts", help="target sweep at r=8")
   p.add_argument("--tune-targets", default=MAIN_TARGET)
+  p.add_argument("--tune-ranks", default="8")
+  p.add_argument("--own-lr-ranks", default="",
+                 help="sweep: also these ranks of the main target at their own best dev lr "
+                 "(tune them first with --phase tune --tune-ranks ...)")
+  p.add_argument("--tune-lrs", default="", help=f"LoRA grid of the tune phase (default {LORA_LRS})")
   p.add_argument("--full-lr", default="auto",
                  help="a number, or auto: the grid value with the best dev improvement of the "
                  "tune phase in <out>/results.jsonl")
@@ -229,7 +239,7 @@ def main(argv=None) -> int:
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
   a.sfx = ",smoke" if a.smoke else ""
-  rows_path = os.path.join(a.out, "results.jsonl")
+  rows_path = a.rows_path = os.path.join(a.out, "results.jsonl")
 
   def emit(row):
     print(json.dumps(row), flush=True)
@@ -361,7 +371,14 @@ def plot(rows: list[dict], path: str) -> None:
     a1.scatter([k] * len(rs), pct(rs), color="C0", s=12)
     a1.annotate(f"{100 * rs[0]['trainable_frac']:.2g}%", (k, means[-1]), fontsize=7,
                 xytext=(4, -10), textcoords="offset points")
-  a1.plot(ranks, means, color="C0", label=f"LoRA on {MAIN_TARGET} (mean; label: % trainable)")
+  a1.plot(ranks, means, color="C0", label=f"LoRA on {MAIN_TARGET}, lr of r=8 (mean; label: % "
+          "trainable)")
+  own = [r for r in sweep if r["run"].endswith("(own lr)")]
+  for k in sorted({int(r["run"].split()[1][2:]) for r in own}):
+    rs = [r for r in own if r["run"].startswith(f"lora r={k} ")]
+    a1.scatter([k] * len(rs), pct(rs), color="C2", s=12, marker="s")
+    a1.scatter([k], [np.mean(pct(rs))], color="C2", marker="_", s=200,
+               label=f"r={k} at its own dev-tuned lr {rs[0]['lr']:g}")
   a1.axhline(100, color="k", lw=0.8, label="full fine-tuning")
   a1.axhline(90, color="r", lw=0.8, ls="--", label="target 90%")
   a1.set(xscale="log", xlabel="rank r", ylabel="% of full FT's test-loss improvement")
