@@ -383,7 +383,7 @@ def plot(rows: list[dict], path: str) -> None:
   a1.axhline(90, color="r", lw=0.8, ls="--", label="target 90%")
   a1.set(xscale="log", xlabel="rank r", ylabel="% of full FT's test-loss improvement")
   a1.set_xticks(ranks, [str(k) for k in ranks])
-  a1.legend(fontsize=7)
+  a1.legend(fontsize=6, loc="lower left")
   names = [f"lora r=8 {t}" for t in TARGETS if any(r["run"] == f"lora r=8 {t}" for r in sweep)]
   for i, n in enumerate(names):
     rs = [r for r in sweep if r["run"] == n]
