@@ -17,7 +17,7 @@ TEXTS = ["seven", "a photo of the digit seven"]
 
 
 def test_lm_tower_hidden_states_ignore_padding_and_pool_by_mask():
-  cfg = LT.lm_tower_config(dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+  cfg = LT.lm_tower_config(dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                 num_attention_heads=4, num_key_value_heads=2,
                                 max_position_embeddings=64, patch_frames=4))  # extra key ignored
   tokens = jnp.asarray(tokenize_bytes(TEXTS, 32))
@@ -60,6 +60,24 @@ def _lm_workdir(path):
   return wd, mc, lm_params
 
 
+def test_lm_tower_config_selection():
+  from ds_jax import multimodal_train as MT
+  c = MT.default_config()
+  c.text_encoder = "lm"
+  c.freeze = "text"
+  c.model.text.pooling = "mean"
+  mcfg = MT.model_config(c)
+  assert isinstance(mcfg.text, LT.LMTowerConfig) and mcfg.frozen == ("text",)
+  assert mcfg.text.pooling == "mean" and mcfg.text.model.hidden_size == 64
+  assert mm_tower(mcfg) is LT.LMTower
+
+
+def mm_tower(mcfg):
+  from ds_jax.models import multimodal as mm
+  return mm.tower_module("text", mcfg.text)
+
+
+@pytest.mark.slow  # orbax save / restore: ~20 s on a shared core
 def test_lm_tower_from_workdir_and_config_selection(tmp_path):
   """load_lm_tower reads a ds_jax LM workdir; text_encoder=lm + pretrained.text selects it."""
   from ds_jax import multimodal_train as MT
