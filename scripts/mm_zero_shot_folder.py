@@ -59,7 +59,9 @@ def main(argv=None) -> int:
       counts["float"] += 1
     else:
       A.write_wav(os.path.join(d, name), x, rate)
-  bad = os.path.join(a.out, "3", "corrupt.wav")
+  # inside the folder of digit 3 as named above ("three"): a second folder "3" would be a second
+  # class with the same prompts (that mistake cost 5 clips in the first run, docs/multimodal.md)
+  bad = os.path.join(a.out, D.WORDS[3], "corrupt.wav")
   os.makedirs(os.path.dirname(bad), exist_ok=True)
   with open(bad, "wb") as f:
     f.write(b"RIFF\x24\x00\x00\x00WAVEfmt " + bytes(range(40)))
