@@ -48,7 +48,9 @@ def capacity(n_slots: int, n_experts: int, factor: float) -> int:
 
 @jax.custom_vjp
 def _take_sorted(a: Array, idx: Array) -> Array:
-  return jnp.take(a, idx, axis=0, indices_are_sorted=True)
+  # mode="clip": the ids are in range, and the default "fill" adds a select over the whole
+  # gathered [n, D, F] weights (it showed up as a top cost of the MoE step on XLA:CPU).
+  return jnp.take(a, idx, axis=0, indices_are_sorted=True, mode="clip")
 
 
 def _take_sorted_fwd(a, idx):
@@ -69,7 +71,7 @@ def take_experts(kernel: Any, idx: Array) -> Any:
     a = jnp.asarray(a)
     if jnp.issubdtype(a.dtype, jnp.floating):
       return _take_sorted(_vary_like(a, idx), idx)
-    return jnp.take(a, idx, axis=0)
+    return jnp.take(a, idx, axis=0, mode="clip")
   return jax.tree.map(take, kernel)
 
 
@@ -117,7 +119,7 @@ def gather_rows(x_NxD: Array, src_R: Array, inv_N: Array) -> Array:
 @jax.custom_vjp
 def _gather_rows(x_NxD: Array, src_R: Array, inv_N: Array) -> Array:
   x_pad = jnp.concatenate([x_NxD, jnp.zeros((1,) + x_NxD.shape[1:], x_NxD.dtype)])
-  return jnp.take(x_pad, jnp.minimum(src_R, x_NxD.shape[0]), axis=0)
+  return jnp.take(x_pad, jnp.minimum(src_R, x_NxD.shape[0]), axis=0, mode="clip")
 
 
 def _gather_rows_fwd(x_NxD, src_R, inv_N):
@@ -200,11 +202,31 @@ def expert_rows(x_NxD: Array, e_N: Array, valid_N: Array, k: ExpertKernels, stra
   n_blocks = n_rows // b
   block_e = jnp.searchsorted(pend_E, jnp.arange(n_blocks) * b, side="right")
   block_e = jnp.minimum(block_e, n_exp - 1)  # trailing empty blocks: any expert, zero rows
-  kb = ExpertKernels(*(take_experts(w, block_e) for w in k))
   x_RxD, src_R = _rows_from_slots(x_NxD, rows, n_rows)
-  o_RxD = swiglu(x_RxD.reshape(n_blocks, b, d), kb, "nbd,ndf->nbf", "nbf,nfd->nbd",
-                 dtype).reshape(n_rows, d)
+  fn = _block_swiglu if _tensor_parallel() else _remat_block_swiglu
+  o_RxD = fn(x_RxD.reshape(n_blocks, b, d), k, block_e, dtype).reshape(n_rows, d)
   return _slots_from_rows(o_RxD, rows, src_R), valid_N
+
+
+def _tensor_parallel() -> bool:
+  mesh = jax.sharding.get_abstract_mesh()
+  return mesh is not None and not mesh.empty and dict(mesh.shape).get("tensor", 1) > 1
+
+
+def _block_swiglu(x_NxBxD: Array, k: ExpertKernels, block_e: Array, dtype: Any) -> Array:
+  kb = ExpertKernels(*(take_experts(w, block_e) for w in k))
+  return swiglu(x_NxBxD, kb, "nbd,ndf->nbf", "nbf,nfd->nbd", dtype)
+
+
+# The per-block weights [n_blocks, D, F] are a gather of the expert weights: cheap to redo in
+# the backward pass, expensive to keep. Without this checkpoint autodiff saves all three gathered
+# copies per layer as residuals, which inside the layer scan costs a zero-fill, a write and a
+# read of [layers, n_blocks, D, F] per weight (~10% of the bench_dsv2_tiny step on XLA:CPU).
+# Matmul outputs are still saved, so nothing but the gathers is recomputed. Not under a
+# tensor-parallel mesh: there the recomputed gather re-runs the all-gather of the expert weights
+# over "tensor" (3 more all-gathers per layer in tests/golden), which costs more than it saves.
+_remat_block_swiglu = jax.checkpoint(
+    _block_swiglu, policy=jax.checkpoint_policies.dots_saveable, static_argnums=(3,))
 
 
 def combine_slots(o_NxD: Array, w_TxK: Array) -> Array:
