@@ -5,7 +5,8 @@
   ds-jax zero-shot --workdir /tmp/mm --modality audio --data-dir DIR
 
 Args (`:arg`): "" full run; "tiny" 1 epoch of a small set (smoke test); "anchored" image-anchored
-pairing (image-text, image-audio only); "softmax" | "sigmoid" plain contrastive losses; "nocmaa".
+pairing (image-text, image-audio only); "softmax" | "sigmoid" plain contrastive losses; "cmaa"
+(cross-modal attention alignment on; off by default) | "nocmaa".
 Several may be joined with commas, e.g. `:sigmoid,nocmaa`. Results and runtime: docs/multimodal.md.
 """
 
@@ -29,6 +30,8 @@ def get_config(arg=None):
       c.contrastive = "sigmoid"
     elif a == "nocmaa":
       c.cmaa = False
+    elif a == "cmaa":
+      c.cmaa = True
     else:
       raise ValueError(f"unknown argument {a!r}")
   return c

@@ -26,11 +26,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 # (name, experiments/mm_digits.py argument, description)
 ARMS = (
-    ("contrastive_mse+cmaa", "", "softmax InfoNCE + 0.5 MSE, CMAA (the default)"),
-    ("contrastive_mse", "nocmaa", "softmax InfoNCE + 0.5 MSE, no CMAA"),
-    ("softmax+cmaa", "softmax", "softmax InfoNCE only, CMAA"),
+    ("contrastive_mse+cmaa", "cmaa", "softmax InfoNCE + 0.5 MSE, CMAA"),
+    ("contrastive_mse", "nocmaa", "softmax InfoNCE + 0.5 MSE, no CMAA (the default)"),
+    ("softmax+cmaa", "softmax,cmaa", "softmax InfoNCE only, CMAA"),
     ("softmax", "softmax,nocmaa", "softmax InfoNCE only, no CMAA"),
-    ("sigmoid+cmaa", "sigmoid", "SigLIP sigmoid only, CMAA"),
+    ("sigmoid+cmaa", "sigmoid,cmaa", "SigLIP sigmoid only, CMAA"),
     ("sigmoid", "sigmoid,nocmaa", "SigLIP sigmoid only, no CMAA"),
     ("anchored", "softmax,nocmaa,anchored",
      "softmax InfoNCE only, no CMAA, image-anchored pairs (audio-text emergent; vs `softmax`)"),

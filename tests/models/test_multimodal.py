@@ -83,5 +83,5 @@ def test_mse_ramp_and_step_cache_key():
   a, b = T.default_config(), T.default_config()
   b.seed, b.data.seed, b.epochs = 3, 5, 2
   assert T._step_key(a, 10) == T._step_key(b, 10) != T._step_key(a, 11)
-  b.cmaa = False
+  b.cmaa = not a.cmaa
   assert T._step_key(a, 10) != T._step_key(b, 10)
