@@ -157,7 +157,7 @@ def test_sweeps_compare_what_they_claim():
   c = _sweep_counts("shared_experts")
   assert _all_equal(c, "ffn") and _all_equal(c, "ffn_active")
   c = _sweep_counts("routing")
-  assert len(c) == 4 and _all_equal(c, "ffn")
+  assert len(c) == 5 and _all_equal(c, "ffn")
 
 
 def test_sweep_runs_skips_gathers_and_plots(tmp_path, monkeypatch):
