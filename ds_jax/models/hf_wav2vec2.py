@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ds_jax.models.encoders import Attention, activation
+from ds_jax.models.hf_encoders import _linear, _ln, _np  # the CLIP loader's torch->Linen helpers
 from ds_jax.nn.linear import Linear
 
 
@@ -266,23 +267,6 @@ def tower_config(fields: Optional[Mapping] = None, pretrained: str = "") -> Wav2
   return wav2vec2_config(pretrained, **over)
 
 
-def _np(t: Any) -> np.ndarray:
-  if hasattr(t, "detach"):
-    t = t.detach().cpu().float().numpy()
-  return np.asarray(t, np.float32)
-
-
-def _ln(sd: Mapping, key: str) -> dict:
-  return {"scale": _np(sd[key + ".weight"]), "bias": _np(sd[key + ".bias"])}
-
-
-def _linear(sd: Mapping, key: str, heads: int = 0) -> dict:
-  w = _np(sd[key + ".weight"]).T  # [in, out]
-  b = _np(sd[key + ".bias"])
-  if heads:
-    w = w.reshape(w.shape[0], heads, -1)
-    b = b.reshape(heads, -1)
-  return {"kernel": w, "bias": b}
 
 
 def wav2vec2_params(state_dict_or_model: Any, cfg: Wav2Vec2Config) -> dict:
