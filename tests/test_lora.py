@@ -437,3 +437,108 @@ def test_lora_sweep_split_and_trainable_fraction():
   assert n_adapter / n_total <= 0.01
   assert not any("/experts/" in p for p in kernels)
   assert any("shared_experts" in p for p in kernels) and any("o_proj" in p for p in kernels)
+  # The expert-shared variant: one A, B per routed-expert weight (+ per-expert gains), 0.30%.
+  trainable = jax.eval_shape(lambda p: lora.split_trainable(lora.add_adapter(
+      p, "a", lora.LoraConfig(r=8, **s.TARGETS["experts-shared"]), jax.random.key(0)))[0],
+      shapes)
+  assert sum(x.size for x in jax.tree.leaves(trainable)) == 3 * 3 * (8 * (128 + 192) + 32)
+  assert trainable["layers_1"]["block"]["mlp"]["experts"]["up_proj"]["lora_a"].shape == (3, 128, 8)
+
+
+def test_shared_expert_adapter():
+  """expert_mode="shared": one A, B per stacked expert weight added to every expert (with
+  per-expert gains g_e, ΔW_e = s·A·diag(g_e)·B); formula per expert, trainable count, tied gradient, zero-B identity,
+  merge == unmerged, save / load round trip storing one copy."""
+  import tempfile
+  rng = np.random.default_rng(5)
+  s_, e_, d, f, r = 2, 3, 4, 5, 2
+  w = rng.normal(size=(s_, e_, d, f)).astype(np.float32)
+  params = {"layers_1": {"mlp": {"experts": {"down_proj": jnp.asarray(w)},
+                                 "o_proj": {"kernel": jnp.zeros((s_, d, f))}}}}
+  cfg = lora.LoraConfig(target_modules="all-linear", r=r, lora_alpha=4, expert_mode="shared",
+                        expert_scale="rank")
+  p = lora.add_adapter(params, "s", cfg, jax.random.key(0))
+  k = p["layers_1"]["mlp"]["experts"]["down_proj"]
+  x = jnp.asarray(rng.normal(size=(e_, 6, d)), jnp.float32)
+  k0 = jax.tree.map(lambda v: v[0], k)
+  np.testing.assert_array_equal(k0.einsum("ecd,edf->ecf", x, dtype=jnp.float32),
+                                jnp.einsum("ecd,edf->ecf", x, w[0]))  # B = 0: identity
+  t, fr = lora.split_trainable(p)
+  te = t["layers_1"]["mlp"]["experts"]["down_proj"]
+  assert te["lora_a"].shape == (s_, d, r) and te["lora_b"].shape == (s_, r, f)
+  assert te["expert_scale"].shape == (s_, e_, r)
+  # shared: S·r·(D+F) + S·E·r (gains) per expert weight; o_proj per weight as usual.
+  assert lora.count_params(p)["trainable"] == 2 * (s_ * r * (d + f)) + s_ * e_ * r
+  t = _noise(t, jax.random.key(1), 0.5)
+  p2 = lora.combine(t, fr)
+  a, b, g = (np.asarray(t["layers_1"]["mlp"]["experts"]["down_proj"][n])
+             for n in ("lora_a", "lora_b", "expert_scale"))
+  k2 = p2["layers_1"]["mlp"]["experts"]["down_proj"]
+  for s in range(s_):
+    ks = jax.tree.map(lambda v: v[s], k2)
+    y1 = np.asarray(ks.einsum("ecd,edf->ecf", x, dtype=jnp.float32))
+    y2 = np.asarray(ks.einsum("nd,edf->enf", x[0], dtype=jnp.float32))
+    for e in range(e_):
+      we = w[s, e] + 2.0 * a[s] @ np.diag(g[s, e]) @ b[s]  # scale = alpha / r = 2
+      np.testing.assert_allclose(y1[e], np.asarray(x[e]) @ we, rtol=1e-5, atol=1e-5)
+      np.testing.assert_allclose(y2[e], np.asarray(x[0]) @ we, rtol=1e-5, atol=1e-5)
+  merged = lora.merge(p2)["layers_1"]["mlp"]["experts"]["down_proj"]
+  np.testing.assert_allclose(  # merged == unmerged
+      jax.tree.map(lambda v: v[1], merged).einsum("ecd,edf->ecf", x, dtype=jnp.float32),
+      jax.tree.map(lambda v: v[1], k2).einsum("ecd,edf->ecf", x, dtype=jnp.float32),
+      rtol=1e-5, atol=1e-5)
+
+  def loss(t):
+    kk = jax.tree.map(lambda v: v[0], lora.combine(t, fr)["layers_1"]["mlp"]["experts"][
+        "down_proj"])
+    return jnp.sum(kk.einsum("ecd,edf->ecf", x, dtype=jnp.float32) ** 2)
+  gr = jax.grad(loss)(t)["layers_1"]["mlp"]["experts"]["down_proj"]
+  # The gradient of the shared A is the sum of the per-expert gradients.
+  def per_expert(a_e):
+    out = 0.0
+    for e in range(e_):
+      we = w[0, e] + 2.0 * a_e[e] @ jnp.diag(g[0, e]) @ b[0]
+      out = out + jnp.sum((x[e] @ we) ** 2)
+    return out
+  ga = jax.grad(per_expert)(jnp.broadcast_to(jnp.asarray(a[0]), (e_, d, r)))
+  np.testing.assert_allclose(gr["lora_a"][0], ga.sum(0), rtol=1e-4, atol=1e-4)
+  with tempfile.TemporaryDirectory() as tmp:
+    lora.save_adapter(tmp, p2, "s")
+    from safetensors.numpy import load_file
+    saved = load_file(f"{tmp}/adapter_model.safetensors")
+    assert saved["layers_1/mlp/experts/down_proj.lora_a"].shape == (s_, d, r)  # one copy
+    q = lora.load_adapter(tmp, params)
+  for u, v in zip(jax.tree.leaves(q), jax.tree.leaves(p2)):
+    np.testing.assert_array_equal(u, v)
+  with pytest.raises(ValueError, match="shared"):
+    lora.trainable_mask(p2)
+  with pytest.raises(ValueError, match="expert_mode"):
+    lora.LoraConfig(expert_mode="tied")
+  with pytest.raises(ValueError, match="expert_scale"):
+    lora.LoraConfig(expert_scale="expert")  # needs expert_mode="shared"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("matmul", ["auto", "dense_mask"])
+def test_moe_mla_model_shared_expert_adapter(matmul):
+  """expert_mode="shared" through the MoE dispatch (the experts' gather sees A, B broadcast over
+  experts): zero-B identity, merged == unmerged, and every expert gets the same ΔW."""
+  mc = MOE.replace(moe_matmul=matmul)
+  params = lm.init(mc, jax.random.key(0))
+  f = jax.jit(lambda p: lm.apply(mc, p, TOK))
+  y0 = f(params)
+  cfg = lora.LoraConfig(target_modules=["experts"], r=2, lora_alpha=4, expert_mode="shared",
+                        expert_scale="expert")
+  p = lora.add_adapter(params, "a", cfg, jax.random.key(1))
+  np.testing.assert_allclose(f(p), y0, rtol=1e-5, atol=1e-5)
+  assert lora.count_params(p)["trainable"] == 3 * (2 * (32 + 16) + 4)  # gate, up, down
+  p = randomize(p, std=0.5)
+  y = f(p)
+  assert float(jnp.abs(y - y0).max()) > 1e-3
+  np.testing.assert_allclose(f(lora.merge_and_unload(p)), y, rtol=1e-4, atol=1e-4)
+  t, _ = lora.split_trainable(p)
+  g = t["layers_1"]["block"]["mlp"]["experts"]["down_proj"]["expert_scale"]  # [L, E, 1]
+  w0 = params["layers_1"]["block"]["mlp"]["experts"]["down_proj"]
+  dw = lora.merge_and_unload(p)["layers_1"]["block"]["mlp"]["experts"]["down_proj"] - w0
+  dw = np.asarray(dw / g[..., None])  # ΔW_e / g_e: the same for every expert
+  np.testing.assert_allclose(dw, np.broadcast_to(dw[:, :1], dw.shape), rtol=1e-4, atol=1e-5)

@@ -16,6 +16,8 @@ from ml_collections import ConfigDict
 
 ALL_LINEAR = "all-linear"
 INITS = ("gaussian", "kaiming", "pissa")
+EXPERT_MODES = ("per_expert", "shared")
+EXPERT_SCALES = ("none", "expert", "rank")
 # Never adapted by "all-linear": the output layer (as in PEFT), embeddings and the MoE router,
 # whose logits are computed outside `ds_jax.nn.linear.einsum`.
 _ALL_LINEAR_EXCLUDE = ("lm_head", "embed_tokens", "gate")
@@ -34,6 +36,13 @@ class LoraConfig:
   use_dora: weight-decomposed LoRA (Liu et al. 2024): W' = m * (W + sBA) / ||W + sBA||_col.
   init: "gaussian" (A ~ N(0, 1/r), B = 0, as PEFT), "kaiming" (PEFT default, uniform A),
     or "pissa" (principal singular vectors into A, B; the base keeps the residual).
+  expert_mode: how stacked routed-expert weights [E, D, F] are adapted. "per_expert" (default):
+    one A, B per expert (E · r · (D + F) parameters). "shared": one A [D, r], B [r, F] per
+    weight, the same ΔW = s·B·A added to every expert (r · (D + F) parameters).
+  expert_scale: with expert_mode="shared", a trainable per-expert gain (initialised to 1):
+    "none"; "expert": a scalar g_e, ΔW_e = g_e · s·A·B (E more parameters per weight); "rank":
+    a vector g_e of r gains, ΔW_e = s·A·diag(g_e)·B — every expert gets its own mixture of the
+    r shared rank-1 directions (E·r more parameters per weight).
   """
   target_modules: Any = ("q_proj", "v_proj")
   exclude_modules: Any = ()
@@ -43,6 +52,8 @@ class LoraConfig:
   use_rslora: bool = False
   use_dora: bool = False
   init: str = "gaussian"
+  expert_mode: str = "per_expert"
+  expert_scale: str = "none"
 
   def __post_init__(self):
     for f in ("target_modules", "exclude_modules"):
@@ -57,6 +68,16 @@ class LoraConfig:
       raise ValueError(f"LoraConfig.lora_dropout must be in [0, 1); got {self.lora_dropout}")
     if self.init not in INITS:
       raise ValueError(f"LoraConfig.init must be one of {INITS}; got {self.init!r}")
+    if self.expert_mode not in EXPERT_MODES:
+      raise ValueError(f"LoraConfig.expert_mode must be one of {EXPERT_MODES}; "
+                       f"got {self.expert_mode!r}")
+    if self.expert_scale not in EXPERT_SCALES:
+      raise ValueError(f"LoraConfig.expert_scale must be one of {EXPERT_SCALES}; "
+                       f"got {self.expert_scale!r}")
+    if self.expert_scale != "none" and self.expert_mode != "shared":
+      raise ValueError("LoraConfig.expert_scale needs expert_mode='shared'")
+    if self.expert_mode == "shared" and self.init == "pissa":
+      raise ValueError("init='pissa' is per weight; it cannot be shared across experts")
 
   @property
   def scale(self) -> float:
@@ -87,7 +108,8 @@ def default_lora_config() -> ConfigDict:
   return ConfigDict(dict(
       enabled=False, adapter_name="default", r=8, lora_alpha=16.0,
       target_modules=["q_proj", "v_proj"], exclude_modules=[], dropout=0.0,
-      use_rslora=False, use_dora=False, init="gaussian", seed=0))
+      use_rslora=False, use_dora=False, init="gaussian", expert_mode="per_expert",
+      expert_scale="none", seed=0))
 
 
 def from_config_dict(c: ConfigDict | dict) -> LoraConfig:
@@ -98,7 +120,9 @@ def from_config_dict(c: ConfigDict | dict) -> LoraConfig:
                     r=int(c["r"]), lora_alpha=float(c["lora_alpha"]),
                     lora_dropout=float(c.get("dropout", c.get("lora_dropout", 0.0))),
                     use_rslora=bool(c.get("use_rslora", False)),
-                    use_dora=bool(c.get("use_dora", False)), init=c.get("init", "gaussian"))
+                    use_dora=bool(c.get("use_dora", False)), init=c.get("init", "gaussian"),
+                    expert_mode=c.get("expert_mode", "per_expert"),
+                    expert_scale=c.get("expert_scale", "none"))
 
 
 # ----------------------------------------------------------------------------------------------

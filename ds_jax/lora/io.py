@@ -1,8 +1,9 @@
 """Adapter-only checkpoints: `<dir>/adapter_model.safetensors` + `<dir>/adapter_config.json`.
 
-Tensor names are `<param path>.<lora_a|lora_b|magnitude>` in ds_jax's layout (A [.., D, r],
+Tensor names are `<param path>.<lora_a|lora_b|magnitude|expert_scale>` in ds_jax's layout (A [.., D, r],
 B [.., r, *O]); the JSON holds the PEFT-named LoraConfig plus each kernel's layout, so loading
-needs only the base parameters.
+needs only the base parameters. A shared expert adapter (expert_mode="shared") is stored once
+per weight (A [.., D, r] without the expert axis) and broadcast to every expert on loading.
 """
 
 from __future__ import annotations
@@ -32,9 +33,10 @@ def save_adapter(path: str, params: Any, name: str) -> dict[str, int]:
     if name not in k.adapters:
       continue
     cfg = k.config(name)
+    kn = k.replace(active=name)
     for key, a in k.adapters[name].items():
-      if key in TRAINABLE_KEYS:
-        tensors[f"{p}.{key}"] = np.asarray(a, np.float32)
+      if key in TRAINABLE_KEYS:  # a shared expert adapter: one copy of A, B
+        tensors[f"{p}.{key}"] = np.asarray(kn.share(key, a), np.float32)
     layout[p] = {"n_batch": k.n_batch, "n_out": k.n_out, "base_shape": list(k.shape)}
   if cfg is None:
     raise KeyError(f"no adapter {name!r} in params")
@@ -73,11 +75,15 @@ def load_adapter(path: str, params: Any, name: Optional[str] = None,
     ad = {key: jnp.asarray(tensors[f"{p}.{key}"]) for key in TRAINABLE_KEYS
           if f"{p}.{key}" in tensors}
     if k is None:
-      return LoraKernel(base=base, adapters={name: ad}, configs=((name, cfg),),
-                        n_batch=lay["n_batch"], n_out=lay["n_out"])
-    if name in k.adapters:
+      new = LoraKernel(base=base, adapters={name: ad}, configs=((name, cfg),),
+                       n_batch=lay["n_batch"], n_out=lay["n_out"])
+    elif name in k.adapters:
       raise ValueError(f"adapter {name!r} already exists at {p}")
-    return k.replace(adapters={**k.adapters, name: ad}, configs=k.configs + ((name, cfg),))
+    else:
+      new = k.replace(adapters={**k.adapters, name: ad}, configs=k.configs + ((name, cfg),))
+    tmp = new.replace(active=name)  # broadcast a shared expert adapter's A, B to every expert
+    ad = {key: tmp.unshare(key, v) for key, v in ad.items()}
+    return new.replace(adapters={**new.adapters, name: ad})
 
   out = map_params(params, fn)
   missing = sorted(set(layout) - seen)

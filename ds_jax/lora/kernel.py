@@ -7,9 +7,16 @@ head_dim). Each adapter holds
   lora_a    [*S, *E, D, r]
   lora_b    [*S, *E, r, *O]
   magnitude [*S, *E, *O]      (DoRA only)
+  expert_scale [*S, *E, k]    (expert_mode="shared" with expert_scale "expert" (k = 1) or
+                              "rank" (k = r): A's columns are scaled per expert)
 
 so every leaf shares the leading axes and `nn.scan` slices the wrapper like a plain array.
 The base is a plain array or any kernel object with `.einsum` (e.g. packed int4, for QLoRA).
+
+With expert_mode="shared" the kernel still stores A and B with the expert axes (every expert's
+copy equal, `broadcast_experts`), so the MoE dispatch can gather them like any expert weight;
+the trainable tree holds one copy (`shared_slice`) and `combine` broadcasts it back, so the
+gradient of the shared A, B is the sum over experts.
 """
 
 from __future__ import annotations
@@ -45,6 +52,19 @@ def lora_delta(a: Array, b: Array, n_out: int) -> Array:
   out = b.shape[b.ndim - n_out:]
   b2 = b.reshape(*b.shape[:b.ndim - n_out], math.prod(out))
   return jnp.matmul(a, b2).reshape(*a.shape[:-1], *out)
+
+
+def shared_slice(a: Array, n_batch: int) -> Array:
+  """The single shared copy of an adapter array [*S, *E, x, y]: expert axes E dropped."""
+  lead = a.ndim - 2 - n_batch
+  return a[(slice(None),) * lead + (0,) * n_batch]
+
+
+def broadcast_experts(a: Array, experts: tuple[int, ...]) -> Array:
+  """[*S, x, y] -> [*S, *experts, x, y], every expert the same copy."""
+  lead = a.shape[:-2]
+  a = a.reshape(*lead, *(1,) * len(experts), *a.shape[-2:])
+  return jnp.broadcast_to(a, (*lead, *experts, *a.shape[-2:]))
 
 
 def column_norm(w: Array, n_out: int) -> Array:
@@ -93,7 +113,15 @@ class LoraKernel:
   def delta(self, name: str) -> Array:
     """scale · B·A of adapter `name`, in the base kernel's layout (leading axes included)."""
     ad = self.adapters[name]
-    return self.config(name).scale * lora_delta(ad["lora_a"], ad["lora_b"], self.n_out)
+    return self.config(name).scale * lora_delta(self.lora_a(ad), ad["lora_b"], self.n_out)
+
+  @staticmethod
+  def lora_a(ad: dict) -> Array:
+    """A, with a shared expert adapter's per-expert gains folded in: A_e · diag(g_e)."""
+    if "expert_scale" not in ad:
+      return ad["lora_a"]
+    g = ad["expert_scale"]  # [*S, *E, 1 or r]
+    return ad["lora_a"] * jnp.expand_dims(g, -2).astype(ad["lora_a"].dtype)
 
   def merged_weight(self, name: str) -> tuple[Array, Optional[Array]]:
     """W + sBA (LoRA) or m·(W + sBA)/||W + sBA|| (DoRA); also the DoRA norm (else None)."""
@@ -104,6 +132,36 @@ class LoraKernel:
     norm = column_norm(wc, self.n_out)
     scale = self.adapters[name]["magnitude"] / norm
     return wc * jnp.expand_dims(scale, wc.ndim - self.n_out - 1), norm
+
+  def is_shared(self, name: str) -> bool:
+    """Whether adapter `name` is one A, B shared by all experts (expert_mode="shared")."""
+    return self.n_batch > 0 and self.config(name).expert_mode == "shared"
+
+  def expert_axes(self) -> tuple[int, ...]:
+    shape = self.shape
+    lead = len(shape) - self.n_out - 1 - self.n_batch
+    return tuple(shape[lead:lead + self.n_batch])
+
+  def share(self, key: str, a: Any) -> Any:
+    """Trainable copy of adapter array `key`: the shared slice for lora_a / lora_b of a shared
+    adapter, else `a` itself."""
+    if key not in ("lora_a", "lora_b") or not self.is_shared(self.active) or a is None:
+      return a
+    return shared_slice(a, self.n_batch) if key == "lora_a" else shared_slice(
+        a.reshape(*a.shape[:a.ndim - self.n_out], -1), self.n_batch).reshape(
+            *a.shape[:a.ndim - self.n_out - 1 - self.n_batch], -1, *a.shape[a.ndim - self.n_out:])
+
+  def unshare(self, key: str, a: Any) -> Any:
+    """Inverse of `share`: broadcast a shared lora_a / lora_b over the expert axes."""
+    if key not in ("lora_a", "lora_b") or not self.is_shared(self.active) or not hasattr(
+        a, "ndim"):
+      return a
+    experts = self.expert_axes()
+    if key == "lora_a":
+      return broadcast_experts(a, experts)
+    outs = a.shape[a.ndim - self.n_out:]
+    b = broadcast_experts(a.reshape(*a.shape[:a.ndim - self.n_out], -1), experts)
+    return b.reshape(*b.shape[:-1], *outs)
 
   def einsum(self, equation: str, x: Array, *, dtype: Any, rng: Optional[Array] = None,
              deterministic: bool = True) -> Array:
@@ -132,7 +190,7 @@ class LoraKernel:
     # One three-operand einsum: correct for any use of the kernel (x@A@B for the usual
     # projections, transposed uses too); the contraction order is left to opt_einsum.
     low = jnp.einsum(f"{x_spec},{batch}{d}{r},{batch}{r}{outs}->{out_spec}", xd,
-                     ad["lora_a"].astype(dtype), ad["lora_b"].astype(dtype))
+                     self.lora_a(ad).astype(dtype), ad["lora_b"].astype(dtype))
     y = y + (cfg.scale * low).astype(y.dtype)
     if cfg.use_dora:
       wc = dense(self.base).astype(jnp.float32) + self.delta(name).astype(jnp.float32)

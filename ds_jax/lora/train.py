@@ -22,9 +22,17 @@ def _is_trainable(k: Any) -> bool:
   return isinstance(k, LoraKernel) and k.active is not None and k.merged is None
 
 
+def _trainable_kernels(params: Any) -> list:
+  found: list = []
+  map_params(params, lambda p, v: found.append(v) if _is_trainable(v) else v)
+  return found
+
+
 def split_trainable(params: Any) -> tuple[dict, Any]:
-  """(trainable, frozen): trainable = {path...: {lora_a, lora_b[, magnitude]}} of the active
-  adapter (nested dicts mirroring params); frozen = params with those arrays set to None."""
+  """(trainable, frozen): trainable = {path...: {lora_a, lora_b[, magnitude, expert_scale]}} of
+  the active adapter (nested dicts mirroring params); frozen = params with those arrays set to
+  None. A shared expert adapter (expert_mode="shared") contributes one copy of A and B (no
+  expert axes); `combine` broadcasts it back to every expert."""
   trainable: dict = {}
 
   def fn(path, leaf):
@@ -34,7 +42,7 @@ def split_trainable(params: Any) -> tuple[dict, Any]:
     node = trainable
     for p in path.split("/"):
       node = node.setdefault(p, {})
-    node.update({k: v for k, v in ad.items() if k in TRAINABLE_KEYS})
+    node.update({k: leaf.share(k, v) for k, v in ad.items() if k in TRAINABLE_KEYS})
     hole = {k: (None if k in TRAINABLE_KEYS else v) for k, v in ad.items()}
     return leaf.replace(adapters={**leaf.adapters, leaf.active: hole})
   frozen = map_params(params, fn)
@@ -49,13 +57,19 @@ def combine(trainable: dict, frozen: Any) -> Any:
     node = trainable
     for p in path.split("/"):
       node = node[p]
-    ad = {**leaf.adapters[leaf.active], **node}
+    ad = {**leaf.adapters[leaf.active], **{k: leaf.unshare(k, v) for k, v in node.items()}}
     return leaf.replace(adapters={**leaf.adapters, leaf.active: ad})
   return map_params(frozen, fn)
 
 
 def trainable_mask(params: Any) -> Any:
-  """Bool pytree shaped like `params`: True on the active adapter's arrays (for optax.masked)."""
+  """Bool pytree shaped like `params`: True on the active adapter's arrays (for optax.masked).
+
+  Not for shared expert adapters (expert_mode="shared"): an update through the mask would
+  change each expert's stored copy separately; train them through split_trainable / combine."""
+  if any(k.is_shared(k.active) for k in _trainable_kernels(params)):
+    raise ValueError("trainable_mask cannot keep a shared expert adapter tied; use "
+                     "split_trainable / combine")
   trainable, frozen = split_trainable(params)
   return combine(jax.tree.map(lambda _: True, trainable),
                  jax.tree.map(lambda _: False, frozen))

@@ -16,9 +16,10 @@ import numpy as np
 
 from ds_jax.lora.config import (LoraConfig, is_expert_path, is_target, is_weight_path,
                                 stack_axes)
-from ds_jax.lora.kernel import LoraKernel, column_norm, dense, kernel_shape, lora_delta
+from ds_jax.lora.kernel import (LoraKernel, broadcast_experts, column_norm, dense, kernel_shape,
+                                lora_delta)
 
-TRAINABLE_KEYS = ("lora_a", "lora_b", "magnitude")
+TRAINABLE_KEYS = ("lora_a", "lora_b", "magnitude", "expert_scale")
 
 
 def is_kernel_object(x: Any) -> bool:
@@ -85,20 +86,41 @@ def _unmerged_weights(kernels: dict[str, LoraKernel]) -> dict[str, jax.Array]:
 
 
 def _new_adapters(cfg: LoraConfig, layout: tuple, rng: jax.Array, bases: dict) -> dict:
-  """{path: (adapter arrays, new base or None)} for every (path, shape, n_out) in layout.
+  """{path: (adapter arrays, new base or None)} for every (path, shape, n_out, n_batch) in
+  layout.
 
-  One random draw for all A matrices (a draw per kernel makes XLA compile one threefry each)."""
-  a_shapes = [(*shape[:-n_out], cfg.r) for _, shape, n_out in layout]
+  One random draw for all A matrices (a draw per kernel makes XLA compile one threefry each).
+  With expert_mode="shared" an expert kernel draws one A without its expert axes and stores it
+  broadcast over them (B likewise), plus expert_scale = 1 ([*S, *E, 1 or r]) if enabled."""
+  def shared(shape, n_out, n_batch):
+    return cfg.expert_mode == "shared" and n_batch > 0
+
+  def drawn_shape(shape, n_out, n_batch):  # the kernel shape whose A is drawn
+    if shared(shape, n_out, n_batch):
+      lead = len(shape) - n_out - 1 - n_batch
+      return shape[:lead] + shape[lead + n_batch:]
+    return shape
+  a_shapes = [(*drawn_shape(shape, n_out, nb)[:-n_out], cfg.r) for _, shape, n_out, nb in layout]
   sizes = [math.prod(s) for s in a_shapes]
   draw = jax.random.uniform if cfg.init == "kaiming" else jax.random.normal
   flat = draw(rng, (sum(sizes),), jnp.float32)
   offsets = np.cumsum([0] + sizes)
   out = {}
-  for (path, shape, n_out), a_shape, o in zip(layout, a_shapes, offsets):
+  for (path, shape, n_out, nb), a_shape, o in zip(layout, a_shapes, offsets):
     noise = flat[o:o + math.prod(a_shape)].reshape(a_shape)
     base = bases.get(path)
     plain = base if base is not None and not is_kernel_object(base) else None
-    ad, new_base = _init_adapter(cfg, shape, n_out, noise, plain)
+    ad, new_base = _init_adapter(cfg, drawn_shape(shape, n_out, nb), n_out, noise, plain)
+    if shared(shape, n_out, nb):
+      lead = len(shape) - n_out - 1 - nb
+      experts = shape[lead:lead + nb]
+      ad = {"lora_a": broadcast_experts(ad["lora_a"], experts),
+            "lora_b": broadcast_experts(
+                ad["lora_b"].reshape(*ad["lora_b"].shape[:lead + 1], -1), experts
+            ).reshape(*shape[:lead + nb], cfg.r, *shape[-n_out:])}
+      if cfg.expert_scale != "none":
+        k = cfg.r if cfg.expert_scale == "rank" else 1
+        ad["expert_scale"] = jnp.ones((*shape[:lead + nb], k), jnp.float32)
     if cfg.use_dora:
       ad["magnitude"] = column_norm(dense(base) if new_base is None else new_base, n_out)
     out[path] = (ad, new_base)
@@ -140,7 +162,7 @@ def add_adapter(params: Any, name: str, cfg: LoraConfig, rng: jax.Array,
     map_params(params, lambda p, v: weights.append(p) if is_weight_path(p, v) else v)
     raise ValueError(f"target_modules={cfg.target_modules!r} matched no weight; weights are: "
                      + ", ".join(weights[:12]) + (" ..." if len(weights) > 12 else ""))
-  layout = tuple((p, t[1], t[3]) for p, t in targets.items())
+  layout = tuple((p, t[1], t[3], t[2]) for p, t in targets.items())
   need_base = cfg.use_dora or cfg.init == "pissa"
   made = _new_adapters_jit(cfg, layout, rng,
                            {p: t[0] for p, t in targets.items()} if need_base else {})
