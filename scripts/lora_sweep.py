@@ -38,8 +38,10 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from ds_jax import lora
+import ds_jax.lora.transforms  # noqa: F401  (lora.transforms.map_params)
 from ds_jax.config import model_config
 from ds_jax.data.text import (PackedText, TextData, pydoc_topics, tokenize_documents)
 from ds_jax.data.tokenizer import get_tokenizer
@@ -49,13 +51,47 @@ from ds_jax.train import LMTask, TrainState, eval_step, train_step
 
 # Target sets. MLA has no v_proj: its values come from kv_b_proj (k_nope and v), queries from
 # q_proj (or q_b_proj with q_lora_rank > 0), so "qv" = q_proj, q_b_proj, kv_b_proj.
+NORMS = r"(.*/)?[a-z_]*norm/scale"  # RMSNorm gains (1,280 parameters)
+ROUTER = r".*/mlp/gate/kernel"  # the MoE routers (12,288 parameters)
 TARGETS = {
     "qv": dict(target_modules=["q_proj", "q_b_proj", "kv_b_proj"]),
     "all-but-experts": dict(target_modules=["all-linear"], exclude_modules=["experts"]),
     "all-linear": dict(target_modules=["all-linear"]),
     "experts": dict(target_modules=["experts"]),
+    # One A, B per routed-expert weight, shared by all 32 experts of a layer (LoraConfig
+    # expert_mode="shared"), with per-expert gains (expert_scale): "expert" a scalar g_e,
+    # ΔW_e = g_e·s·A·B; "rank" a vector g_e of r gains, ΔW_e = s·A·diag(g_e)·B.
+    "experts-shared": dict(target_modules=["experts"], expert_mode="shared",
+                           expert_scale="expert"),
+    "experts-shared-rankgain": dict(target_modules=["experts"], expert_mode="shared",
+                                    expert_scale="rank"),
+    # Every linear layer except layer 0's dense MLP, the routed experts through a shared adapter.
+    "all-but-dense-mlp+experts-shared": dict(target_modules=["all-linear"],
+                                             exclude_modules=["layers_0/block/mlp/.*"],
+                                             expert_mode="shared", expert_scale="expert"),
+    "all-but-dense-mlp+experts-shared-rankgain": dict(
+        target_modules=["all-linear"], exclude_modules=["layers_0/block/mlp/.*"],
+        expert_mode="shared", expert_scale="rank"),
+    # Attention plus the shared routed-expert adapter.
+    "attn+experts-shared": dict(target_modules=["self_attn", "experts"], expert_mode="shared",
+                                expert_scale="expert"),
+    "attn+experts-shared-rankgain": dict(target_modules=["self_attn", "experts"],
+                                         expert_mode="shared", expert_scale="rank"),
+    # PiSSA initialisation (principal singular directions in A, B; the residual in the base).
+    "all-but-experts-pissa": dict(target_modules=["all-linear"], exclude_modules=["experts"],
+                                  init="pissa"),
+    # (d) plain parameters trained fully next to the adapter (`train_also`, a regex over the
+    # parameter path; counted in the trainable %, not stored in the adapter file).
+    "all-but-experts+norms": dict(target_modules=["all-linear"], exclude_modules=["experts"],
+                                  train_also=NORMS),
+    "attn+experts-shared-rankgain+router+norms": dict(
+        target_modules=["self_attn", "experts"], expert_mode="shared", expert_scale="rank",
+        train_also=f"{NORMS}|{ROUTER}"),
 }
 MAIN_TARGET = "all-but-experts"
+SHORT = {"qv": "q,v", "all-but-experts": "all but\nrouted", "all-linear": "all-linear",
+         "experts": "routed,\nper expert", "experts-shared": "routed,\ntied A,B",
+         "all-but-dense-mlp+experts-shared": "all but dense\nMLP; routed tied"}
 SPLIT_SEED = 20240501
 PIECE = 1024
 FULL_LRS = (3e-4, 1e-3, 3e-3)
@@ -128,9 +164,42 @@ _STEPS: dict = {}
 _EVALS: dict = {}
 
 
-def train(cfg, task: LMTask, trainable: Any, frozen: Any, data, seed: int, key) -> tuple:
+def lora_plus(tx, trainable: Any, ratio: float):
+  """LoRA+ (Hayou et al. 2024): B's learning rate `ratio` × A's. With AdamW at weight decay 0
+  this is the whole update of every `lora_b` leaf multiplied by `ratio`."""
+  if ratio == 1.0:
+    return tx
+  mask = jax.tree_util.tree_map_with_path(
+      lambda path, _: str(getattr(path[-1], "key", "")) == "lora_b", trainable)
+  return optax.chain(tx, optax.masked(optax.scale(ratio), mask))
+
+
+def train_also(trainable: dict, frozen: Any, pattern: str) -> tuple[dict, Any]:
+  """Move the plain parameters whose path fullmatches `pattern` from `frozen` into the
+  trainable tree: ({"lora": adapter tree, "also": {path: array}}, frozen with None there)."""
+  also: dict = {}
+
+  def take(path, leaf):
+    if isinstance(leaf, lora.LoraKernel) or leaf is None or not re.fullmatch(pattern, path):
+      return leaf
+    also[path] = leaf
+    return None
+  frozen = lora.transforms.map_params(frozen, take)
+  if not also:
+    raise ValueError(f"train_also={pattern!r} matched no parameter")
+  return {"lora": trainable, "also": also}, frozen
+
+
+def combine_also(trainable: dict, frozen: Any) -> Any:
+  also = trainable["also"]
+  full = lora.transforms.map_params(frozen, lambda p, v: also[p] if p in also else v)
+  return lora.combine(trainable["lora"], full)
+
+
+def train(cfg, task: LMTask, trainable: Any, frozen: Any, data, seed: int, key,
+          b_ratio: float = 1.0) -> tuple:
   """cfg.steps AdamW steps on `trainable`; the jitted step is cached by `key` (not the seed)."""
-  tx = make_optimizer(cfg.optimizer, cfg.steps, trainable)
+  tx = lora_plus(make_optimizer(cfg.optimizer, cfg.steps, trainable), trainable, b_ratio)
   if key not in _STEPS:
     _STEPS[key] = jax.jit(lambda st, b, rng: train_step(
         st, b, task=task, tx=tx, lr_fn=schedule(cfg.optimizer, cfg.steps), accum=1,
@@ -174,16 +243,20 @@ def pretrain(args, seed: int):
 def variant_list(args) -> list[tuple[str, Optional[dict], float]]:
   """(name, LoRA settings or None for full fine-tuning, lr) of the runs of one seed."""
   if args.phase == "tune":
-    out = [("full", None, lr) for lr in FULL_LRS]
+    out = [("full", None, float(lr)) for lr in filter(None, args.tune_full_lrs.split(","))]
     lrs = [float(x) for x in args.tune_lrs.split(",")] if args.tune_lrs else LORA_LRS
     for t in args.tune_targets.split(","):
       for r in map(int, args.tune_ranks.split(",")):
-        out += [(f"lora r={r} {t}", dict(r=r, **TARGETS[t]), lr) for lr in lrs]
+        out += [(f"lora r={r} {t}{args.sfx_b}", dict(r=r, **TARGETS[t]), lr) for lr in lrs]
     return out
   out = [("full", None, args.full_lr)]
-  for r in map(int, args.ranks.split(",")):
+  for t in filter(None, args.own_lr_targets.split(",")):  # targets at their own tuned lr
+    out.append((f"lora r=8 {t}{args.sfx_b}", dict(r=8, **TARGETS[t]),
+                choose_lr(args.rows_path, f"lora r=8 {t}{args.sfx_b}", "auto")))
+  for r in filter(None, args.ranks.split(",")):
+    r = int(r)
     out.append((f"lora r={r} {MAIN_TARGET}", dict(r=r, **TARGETS[MAIN_TARGET]), args.lora_lr))
-  for t in args.targets.split(","):
+  for t in filter(None, args.targets.split(",")):
     if t != MAIN_TARGET:
       out.append((f"lora r=8 {t}", dict(r=8, **TARGETS[t]), args.lora_lr))
   for r in filter(None, args.own_lr_ranks.split(",")):  # ranks with their own tuned lr
@@ -216,6 +289,13 @@ def main(argv=None) -> int:
   p.add_argument("--own-lr-ranks", default="",
                  help="sweep: also these ranks of the main target at their own best dev lr "
                  "(tune them first with --phase tune --tune-ranks ...)")
+  p.add_argument("--tune-full-lrs", default=",".join(map(str, FULL_LRS)),
+                 help="full fine-tuning grid of the tune phase ('' skips full FT)")
+  p.add_argument("--own-lr-targets", default="",
+                 help="sweep: r=8 on these targets at their own best dev lr (tune them first "
+                 "with --phase tune --tune-targets ...)")
+  p.add_argument("--b-lr-ratio", type=float, default=1.0,
+                 help="LoRA+: B's learning rate = this × A's (run names get ' B-lr×N')")
   p.add_argument("--tune-lrs", default="", help=f"LoRA grid of the tune phase (default {LORA_LRS})")
   p.add_argument("--full-lr", default="auto",
                  help="a number, or auto: the grid value with the best dev improvement of the "
@@ -239,6 +319,7 @@ def main(argv=None) -> int:
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
   a.sfx = ",smoke" if a.smoke else ""
+  a.sfx_b = f" B-lr×{a.b_lr_ratio:g}" if a.b_lr_ratio != 1.0 else ""
   rows_path = a.rows_path = os.path.join(a.out, "results.jsonl")
 
   def emit(row):
@@ -287,13 +368,20 @@ def main(argv=None) -> int:
       if lc is not None:
         cfg.lora.update(dict(enabled=True, r=lc["r"], lora_alpha=2.0 * lc["r"],
                              target_modules=lc["target_modules"],
-                             exclude_modules=lc.get("exclude_modules", [])))
+                             exclude_modules=lc.get("exclude_modules", []),
+                             expert_mode=lc.get("expert_mode", "per_expert"),
+                             expert_scale=lc.get("expert_scale", "none"),
+                             init=lc.get("init", "gaussian")))
         trainable, frozen = lora.lora_train_partition(base, cfg.lora,
                                                       jax.random.fold_in(jax.random.key(seed), 7))
         vtask.combine = lora.combine
+        if lc.get("train_also"):
+          trainable, frozen = train_also(trainable, frozen, lc["train_also"])
+          vtask.combine = combine_also
       else:
         trainable, frozen = base, {}
-      state, secs, losses = train(cfg, vtask, trainable, frozen, data, seed, (name, lr))
+      ratio = a.b_lr_ratio if lc is not None else 1.0
+      state, secs, losses = train(cfg, vtask, trainable, frozen, data, seed, (name, lr), ratio)
       if name not in _EVALS:  # one compile per adapter structure, not per seed / lr
         _EVALS[name] = jax.jit(functools.partial(eval_step, task=vtask))
       ev = _EVALS[name]
@@ -308,7 +396,9 @@ def main(argv=None) -> int:
              "opt_state_bytes": lora.tree_bytes(state.opt_state), "train_seconds": secs,
              "train_losses": losses}
       if lc is not None:
-        full = lora.combine(state.params, state.frozen)
+        row["lora"] = dict(lc, lora_alpha=2.0 * lc["r"], b_lr_ratio=ratio)
+        full = vtask.combine(state.params, state.frozen)
+      if lc is not None and lc.get("init") != "pissa":  # a PiSSA adapter cannot be saved alone
         adir = os.path.join(a.out, "adapters", f"{name.replace(' ', '_')}_s{seed}")
         row["adapter_file_bytes"] = lora.save_adapter(adir, full, cfg.lora.adapter_name)[
             "adapter_model.safetensors"]
@@ -323,9 +413,16 @@ def table(rows: list[dict]) -> str:
   out = []
   tune = [r for r in rows if r.get("phase") == "tune"]
   if tune:
-    out += ["| run | lr | dev before | dev after | dev improvement |", "|---|---|---|---|---|"]
-    out += [f"| {r['run']} | {r['lr']:g} | {r['dev_before']:.4f} | {r['dev_after']:.4f} | "
-            f"{r['dev_improvement']:.4f} |" for r in tune]
+    best_full = {}
+    for r in tune:
+      if r["run"] == "full":
+        best_full[r["steps"]] = max(best_full.get(r["steps"], -1e9), r["dev_improvement"])
+    out += ["| run | lr | steps | trainable | dev before | dev after | dev improvement | "
+            "% of best full FT (same steps) |", "|---|---|---|---|---|---|---|---|"]
+    out += [f"| {r['run']} | {r['lr']:g} | {r['steps']} | {100 * r['trainable_frac']:.2f}% | "
+            f"{r['dev_before']:.4f} | {r['dev_after']:.4f} | {r['dev_improvement']:.4f} | "
+            + (f"{100 * r['dev_improvement'] / best_full[r['steps']]:.0f}% |"
+               if r["steps"] in best_full else "— |") for r in tune]
   sweep = [r for r in rows if r.get("phase") == "sweep"]
   full = {r["seed"]: r["improvement"] for r in sweep if r["run"] == "full"}
   if sweep and full:
@@ -361,7 +458,7 @@ def plot(rows: list[dict], path: str) -> None:
   sweep = [r for r in rows if r.get("phase") == "sweep"]
   full = {r["seed"]: r["improvement"] for r in sweep if r["run"] == "full"}
   pct = lambda rs: [100 * r["improvement"] / full[r["seed"]] for r in rs]
-  fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.4))
+  fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 3.8), gridspec_kw={"width_ratios": [1, 1.4]})
   ranks = sorted({int(r["run"].split()[1][2:]) for r in sweep
                   if r["run"].endswith(MAIN_TARGET)})
   means = []
@@ -387,13 +484,19 @@ def plot(rows: list[dict], path: str) -> None:
   names = [f"lora r=8 {t}" for t in TARGETS if any(r["run"] == f"lora r=8 {t}" for r in sweep)]
   for i, n in enumerate(names):
     rs = [r for r in sweep if r["run"] == n]
-    a2.bar(i, np.mean(pct(rs)), color="C1")
+    a2.bar(i, np.mean(pct(rs)), color="C2" if rs[0]["trainable_frac"] <= 0.01 else "C1",
+           label="≤ 1% trainable" if rs[0]["trainable_frac"] <= 0.01 else "> 1% trainable")
     a2.scatter([i] * len(rs), pct(rs), color="k", s=10, zorder=3)
   a2.axhline(100, color="k", lw=0.8)
   a2.axhline(90, color="r", lw=0.8, ls="--")
-  a2.set_xticks(range(len(names)), [n.split()[-1] + "\n" + f"{100 * next(r['trainable_frac'] for r in sweep if r['run'] == n):.2g}%"
-                                    for n in names], fontsize=8)
+  a2.set_xticks(range(len(names)), [
+      SHORT.get(n.split(maxsplit=2)[-1], n.split()[-1]) + "\n"
+      + f"{100 * next(r['trainable_frac'] for r in sweep if r['run'] == n):.2g}%"
+      for n in names], fontsize=7)
   a2.set(ylabel="% of full FT (r = 8)")
+  h, l = a2.get_legend_handles_labels()
+  a2.legend([h[l.index(x)] for x in dict.fromkeys(l)], list(dict.fromkeys(l)), fontsize=6,
+            loc="upper left")
   fig.suptitle(f"LoRA vs full fine-tuning on held-out pydoc topics, seeds {sorted(full)}",
                fontsize=9)
   fig.tight_layout()
