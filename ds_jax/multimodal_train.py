@@ -9,6 +9,7 @@ batch_size, epochs (see experiments/mm_digits.py).
 from __future__ import annotations
 
 import functools
+import math
 import json
 import os
 import time
@@ -55,10 +56,21 @@ def default_config() -> ml_collections.ConfigDict:
   # (fractions of the total steps), after the contrastive loss has left chance (docs/multimodal.md
   # "Results": with (0.4, 0.8) and no CMAA, contrastive_mse ~ softmax).
   c.mse_ramp = (0.4, 0.8)
-  # CMAA off by default: in the 8-epoch ablation (docs/multimodal.md "Results") it kept the pooled
-  # embeddings at chance in every arm it was on; `experiments/mm_digits.py:cmaa` turns it on.
+  # CMAA off by default (`experiments/mm_digits.py:cmaa` turns it on). With weight 0.5 from step 0
+  # its gradient (norm ~4.5 vs ~0.6 for the contrastive losses, clipped together to 1) swamped the
+  # contrastive one while the embeddings were still at chance, and every 8-epoch run stayed near
+  # chance. Its weight now ramps like the MSE's (fractions of the total steps): 0 before
+  # cmaa_ramp[0], cmaa_weight from cmaa_ramp[1] on ((0, 0) = on from step 0); chosen on the
+  # validation split (docs/multimodal.md "Results").
   c.cmaa = False
-  c.cmaa_weight = 0.5
+  c.cmaa_weight = 0.1
+  c.cmaa_ramp = (0.2, 0.4)
+  # SigLIP init. None = the log-odds of a positive in a batch, log(p / (1 - p)) with p = 1/10
+  # (multi-positive, ten classes) or 1/batch_size (sigmoid_prior_bias). SigLIP's published b = -10
+  # is that prior for its ~22k-32k batch; at batch 64 with ~10% positives it predicts every pair
+  # negative, only positives get gradient and all arms stayed at chance (docs/multimodal.md).
+  c.sigmoid_init_bias = None
+  c.sigmoid_init_t = 10.0
   c.pairing = "all"  # all | image_anchored
   c.multi_positive = True
   c.learning_rate = 2e-3
@@ -71,16 +83,23 @@ def default_config() -> ml_collections.ConfigDict:
   # data.seed fixes the generated speech (the model / batch-order seed is c.seed); cache_dir ""
   # = <workdir>/data_cache; eval_split "test" (held-out voices) or "val" (training voices, for
   # tuning without looking at the test voices).
+  # speed_perturb: clips play at a random speed in [1 - s, 1 + s] (0 = off); spec_augment:
+  # mel-axis warp + one frequency and two time masks on the training log-mels (data/audio.py).
   c.data = ml_collections.ConfigDict(dict(train_per_class=200, test_per_class=50, seed=0,
-                                          cache_dir="", eval_split="test"))
+                                          cache_dir="", eval_split="test", speed_perturb=0.1,
+                                          spec_augment=False))
   # initializer_range 0.1 (not CLIP's 0.02, tuned for width 768): with 0.02 the contrastive
   # loss sat at chance (log 64) for ~30 steps and the gradient norm spiked to 100 on escape; with
   # 0.1 it fell earlier and stayed stable (60-step probe, docs/multimodal.md "Results").
+  # pixel_mean / pixel_std: the training digits' mean and std (0.305, 0.376 over all pixels),
+  # standardised inside the ViT. Raw [0, 1] digits share a large mean component: at init every
+  # image embedding had cosine 0.986 to every other (0.83 standardised; measured on one batch),
+  # and image pairs sat at chance for the first ~40 steps (docs/multimodal.md).
   enc = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              initializer_range=0.1)
   c.model = ml_collections.ConfigDict(dict(
-      text=dict(enc, max_position_embeddings=32), image=dict(enc, patch_size=2, image_size=8),
-      audio=dict(enc, patch_frames=4, max_frames=100), shared_width=64, embed_dim=64,
+      text=dict(enc, max_position_embeddings=32), image=dict(enc, patch_size=2, image_size=8, pixel_mean=0.305, pixel_std=0.376),
+      audio=dict(enc, patch_frames=4, max_frames=100, audio_stem="patch"), shared_width=64, embed_dim=64,
       pool_heads=4))
   return c
 
@@ -132,7 +151,20 @@ def model_config(c: ml_collections.ConfigDict) -> mm.MultimodalConfig:
   return mm.MultimodalConfig(
       text=text, image=image, audio=audio, shared_width=m.shared_width,
       embed_dim=m.embed_dim, pool_heads=m.pool_heads, cmaa=c.cmaa,
-      pairs=PAIRINGS[c.pairing], contrastive=c.contrastive, frozen=frozen)
+      pairs=PAIRINGS[c.pairing], contrastive=c.contrastive, frozen=frozen,
+      **(dict(init_log_t=math.log(c.get("sigmoid_init_t", 10.0)),
+              init_bias=sigmoid_prior_bias(c)) if c.contrastive == "sigmoid" else {}))
+
+
+NUM_CLASSES = 10  # the digits set
+
+
+def sigmoid_prior_bias(c: ml_collections.ConfigDict) -> float:
+  """The SigLIP bias init: c.sigmoid_init_bias, or the log-odds of a positive pair in a batch."""
+  if c.get("sigmoid_init_bias") is not None:
+    return float(c.sigmoid_init_bias)
+  p = 1.0 / NUM_CLASSES if c.multi_positive else 1.0 / c.batch_size
+  return math.log(p / (1.0 - p))
 
 
 def audio_features(wave_BxS: jax.Array) -> jax.Array:
@@ -143,6 +175,8 @@ def audio_features(wave_BxS: jax.Array) -> jax.Array:
 def model_inputs(batch: dict, mcfg: Optional[mm.MultimodalConfig] = None) -> dict:
   audio = (audio_features(batch["audio"]) if mcfg is None
            else mm.audio_features(mcfg, batch["audio"]))
+  if "mel_aug" in batch and (mcfg is None or getattr(mcfg.audio, "features", None) is None):
+    audio = A.spec_augment(audio, batch["mel_aug"])  # training batches only (log-mel towers)
   return {"text": batch["text"], "image": batch["image"], "audio": audio}
 
 
@@ -189,17 +223,18 @@ def make_train_step(c: ml_collections.ConfigDict, mcfg: mm.MultimodalConfig,
   mse_weight = 0.0 if c.alignment_loss == "contrastive" else c.mse_weight
   only_mse = c.alignment_loss == "mse"
 
-  def loss_fn(params, batch, mse_scale):
+  def loss_fn(params, batch, mse_scale, cmaa_scale):
     loss, aux = mm.tri_modal_loss(
         model, params, model_inputs(batch, mcfg), batch["label"], pairs=mcfg.pairs,
-        kind=mcfg.contrastive, mse_weight=mse_weight * mse_scale, cmaa_weight=c.cmaa_weight,
+        kind=mcfg.contrastive, mse_weight=mse_weight * mse_scale,
+        cmaa_weight=c.cmaa_weight * cmaa_scale,
         multi_positive=c.multi_positive, contrastive_weight=0.0 if only_mse else 1.0)
     return loss, aux
 
   @functools.partial(jax.jit, donate_argnums=(0, 1))
-  def train_step(params, opt_state, batch, mse_scale=1.0):
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch,
-                                                                    jnp.float32(mse_scale))
+  def train_step(params, opt_state, batch, mse_scale=1.0, cmaa_scale=1.0):
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        params, batch, jnp.float32(mse_scale), jnp.float32(cmaa_scale))
     updates, opt_state = tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
     return params, opt_state, dict(aux, loss=loss, grad_norm=optax.global_norm(grads))
@@ -260,14 +295,24 @@ def _log(path: str, record: dict) -> None:
                         for k, v in record.items()}) + "\n")
 
 
+def ramp(fractions, step: int, total_steps: int) -> float:
+  """0 before fractions[0] * total_steps, linear to 1 at fractions[1] * total_steps."""
+  lo, hi = (float(x) * total_steps for x in fractions)
+  if step >= hi:
+    return 1.0
+  return max(0.0, (step - lo) / max(hi - lo, 1.0))
+
+
 def mse_scale(c: ml_collections.ConfigDict, step: int, total_steps: int) -> float:
   """Factor on mse_weight at `step`: 0 before mse_ramp[0], linear to 1 at mse_ramp[1]."""
   if c.alignment_loss == "mse":  # nothing to protect against: MSE is the only term
     return 1.0
-  lo, hi = (float(x) * total_steps for x in c.get("mse_ramp", (0.0, 0.0)))
-  if step >= hi:
-    return 1.0
-  return max(0.0, (step - lo) / max(hi - lo, 1.0))
+  return ramp(c.get("mse_ramp", (0.0, 0.0)), step, total_steps)
+
+
+def cmaa_scale(c: ml_collections.ConfigDict, step: int, total_steps: int) -> float:
+  """Factor on cmaa_weight at `step` (cmaa_ramp)."""
+  return ramp(c.get("cmaa_ramp", (0.0, 0.0)), step, total_steps)
 
 
 def load_data(c: ml_collections.ConfigDict, workdir: str):
@@ -304,12 +349,15 @@ def train(c: ml_collections.ConfigDict, workdir: str, progress: bool = True) -> 
   first = True
   for epoch in range(start_epoch, c.epochs):
     t0 = time.time()
-    it = D.batches(train_set, c.batch_size, c.seed, epoch, c.text_len)
+    it = D.batches(train_set, c.batch_size, c.seed, epoch, c.text_len,
+                   speed=c.data.get("speed_perturb", 0.0),
+                   spec_augment=c.data.get("spec_augment", False))
     bar = tqdm(it, total=steps_per_epoch, desc=f"epoch {epoch}", disable=not progress,
                leave=False)
     for batch in bar:
-      params, opt_state, m = train_step(params, opt_state, batch,
-                                        mse_scale(c, step, steps_per_epoch * c.epochs))
+      total = steps_per_epoch * c.epochs
+      params, opt_state, m = train_step(params, opt_state, batch, mse_scale(c, step, total),
+                                        cmaa_scale(c, step, total))
       step += 1
       if epoch == start_epoch and first:  # includes the compile unless the step was cached
         first = False

@@ -5,8 +5,9 @@
   ds-jax zero-shot --workdir /tmp/mm --modality audio --data-dir DIR
 
 Args (`:arg`): "" full run; "tiny" 1 epoch of a small set (smoke test); "anchored" image-anchored
-pairing (image-text, image-audio only); "softmax" | "sigmoid" plain contrastive losses; "cmaa"
-(cross-modal attention alignment on; off by default) | "nocmaa".
+pairing (image-text, image-audio only); "softmax" | "sigmoid" plain contrastive losses (sigmoid:
+bias initialised at the batch's positive log-odds, `sigmoid_init_bias`); "cmaa" (cross-modal
+attention alignment on, ramped in over 20-40% of training; off by default) | "nocmaa".
 Several may be joined with commas, e.g. `:sigmoid,nocmaa`. Results and runtime: docs/multimodal.md.
 """
 

@@ -1,8 +1,9 @@
 """Tri-modal digits ablation: loss (softmax / sigmoid / contrastive_mse) x CMAA (on / off) and the
 image-anchored pairing, several seeds, one Markdown table.
 
-  python scripts/mm_ablation.py --out runs/mm_ablation --seeds 0,1,2 [--epochs 15]
+  python scripts/mm_ablation.py --out runs/mm_ablation --seeds 0,1,2 [--epochs 20]
       [--shard 0/2]            # run every 2nd run only (two processes, one core each)
+      [--arms a,b]             # a subset of the arms (e.g. one process per group of arms)
       [--report]               # only (re)write <out>/ablation.md from the finished runs
 
 Every run is `experiments/mm_digits.py:<arm>` with `seed=<s>`, in `<out>/<arm>/seed<s>/`; all runs
@@ -26,12 +27,12 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 # (name, experiments/mm_digits.py argument, description)
 ARMS = (
-    ("contrastive_mse+cmaa", "cmaa", "softmax InfoNCE + 0.5 MSE, CMAA"),
-    ("contrastive_mse", "nocmaa", "softmax InfoNCE + 0.5 MSE, no CMAA (the default)"),
+    ("contrastive_mse+cmaa", "cmaa", "softmax InfoNCE + 0.5 MSE (ramped), CMAA (ramped)"),
+    ("contrastive_mse", "nocmaa", "softmax InfoNCE + 0.5 MSE (ramped), no CMAA (the default)"),
     ("softmax+cmaa", "softmax,cmaa", "softmax InfoNCE only, CMAA"),
     ("softmax", "softmax,nocmaa", "softmax InfoNCE only, no CMAA"),
-    ("sigmoid+cmaa", "sigmoid,cmaa", "SigLIP sigmoid only, CMAA"),
-    ("sigmoid", "sigmoid,nocmaa", "SigLIP sigmoid only, no CMAA"),
+    ("sigmoid+cmaa", "sigmoid,cmaa", "SigLIP sigmoid only (bias at the batch prior), CMAA"),
+    ("sigmoid", "sigmoid,nocmaa", "SigLIP sigmoid only (bias at the batch prior), no CMAA"),
     ("anchored", "softmax,nocmaa,anchored",
      "softmax InfoNCE only, no CMAA, image-anchored pairs (audio-text emergent; vs `softmax`)"),
 )
@@ -116,7 +117,7 @@ def main(argv=None) -> int:
   p = argparse.ArgumentParser()
   p.add_argument("--out", default="runs/mm_ablation")
   p.add_argument("--seeds", default="0,1,2")
-  p.add_argument("--epochs", type=int, default=15)
+  p.add_argument("--epochs", type=int, default=20)
   p.add_argument("--eval-split", default="test", choices=("test", "val"))
   p.add_argument("--arms", default="", help="comma-separated arm names (default: all)")
   p.add_argument("--shard", default="0/1", help="i/n: run every n-th run starting at i")

@@ -71,6 +71,54 @@ def log_mel(wave_BxS: jax.Array, n_fft: int = N_FFT, hop: int = HOP, n_mels: int
   return (logm + 4.0) / 4.0
 
 
+SPEC_AUG_FIELDS = ("warp", "f_lo", "f_hi", "t1_lo", "t1_hi", "t2_lo", "t2_hi")
+
+
+def spec_augment_params(rng: np.random.Generator, batch: int, n_frames: int = 100,
+                        n_mels: int = N_MELS, warp: float = 0.1, max_f: int = 12,
+                        max_t: int = 10) -> np.ndarray:
+  """Random `spec_augment` parameters [batch, 7] (float32): a mel-axis warp factor in
+  [1 - warp, 1 + warp], one frequency band of width 0..max_f bins and two time spans of width
+  0..max_t frames (SpecAugment's masks; the warp approximates vocal-tract-length perturbation)."""
+  out = np.zeros((batch, len(SPEC_AUG_FIELDS)), np.float32)
+  out[:, 0] = rng.uniform(1 - warp, 1 + warp, batch)
+  for lo, size, width in ((1, n_mels, max_f), (3, n_frames, max_t), (5, n_frames, max_t)):
+    w = rng.integers(0, width + 1, batch)
+    start = rng.integers(0, size - w + 1)
+    out[:, lo], out[:, lo + 1] = start, start + w
+  return out
+
+
+def spec_augment(mel_BxTxM: jax.Array, params_Bx7: jax.Array) -> jax.Array:
+  """Warp the mel axis (bin j takes the value at j * warp, linearly interpolated, clamped to the
+  top bin) and set one mel band and two time spans [lo, hi) to the clip's mean (jittable)."""
+  x = jnp.asarray(mel_BxTxM, jnp.float32)
+  p = jnp.asarray(params_Bx7, jnp.float32)
+  _, t, m = x.shape
+  src_BxM = jnp.clip(jnp.arange(m, dtype=jnp.float32)[None] * p[:, :1], 0.0, m - 1.0)
+  i0 = jnp.floor(src_BxM).astype(jnp.int32)
+  i1 = jnp.minimum(i0 + 1, m - 1)
+  frac = (src_BxM - i0)[:, None, :]
+  take = lambda i: jnp.take_along_axis(x, jnp.broadcast_to(i[:, None, :], x.shape), axis=2)
+  x = take(i0) * (1.0 - frac) + take(i1) * frac
+  fill = jnp.mean(x, axis=(1, 2), keepdims=True)
+  fi = jnp.arange(m, dtype=jnp.float32)[None, None, :]
+  ti = jnp.arange(t, dtype=jnp.float32)[None, :, None]
+  band = lambda idx, lo, hi: (idx >= p[:, lo, None, None]) & (idx < p[:, hi, None, None])
+  masked = band(fi, 1, 2) | band(ti, 3, 4) | band(ti, 5, 6)
+  return jnp.where(masked, fill, x)
+
+
+def speed_perturb(x: np.ndarray, factor: float) -> np.ndarray:
+  """Play `x` `factor` times faster (resampling: duration / factor, pitch and formants x factor)."""
+  from scipy.signal import resample_poly
+  up = 50
+  down = int(round(up * factor))
+  if down == up:
+    return np.asarray(x, np.float32)
+  return resample_poly(np.asarray(x, np.float64), up, down).astype(np.float32)
+
+
 # ----------------------------------------------------------------------------------------------
 # Reading files: any sample rate, mono or stereo, 8/16/24/32-bit PCM or float WAV.
 

@@ -181,8 +181,11 @@ def load_digit_tri(workdir: str, seed: int = 0, train_per_class: int = 200,
   return train, test
 
 
-def augment_clip(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-  """Random gain, placement, telephone-band low-pass (8 kHz round trip) and additive noise."""
+def augment_clip(x: np.ndarray, rng: np.random.Generator, speed: float = 0.0) -> np.ndarray:
+  """Random speed (factor in [1 - speed, 1 + speed], if speed > 0), gain, placement,
+  telephone-band low-pass (8 kHz round trip) and additive noise."""
+  if speed > 0:
+    x = A.speed_perturb(x, rng.uniform(1 - speed, 1 + speed))
   if rng.random() < 0.3:
     x = A.resample(A.resample(x, A.SAMPLE_RATE, 8000), 8000, A.SAMPLE_RATE)
   if len(x) < CLIP_SAMPLES:
@@ -201,8 +204,11 @@ def augment_clip(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def batches(data: DigitTri, batch_size: int, seed: int, epoch: int, text_len: int = 32,
-            augment: bool = True) -> Iterator[dict]:
-  """One epoch over the images (shuffled); each image gets a random same-class clip and text."""
+            augment: bool = True, speed: float = 0.0,
+            spec_augment: bool = False) -> Iterator[dict]:
+  """One epoch over the images (shuffled); each image gets a random same-class clip and text.
+  With augment: waveform augmentation (augment_clip, `speed` perturbation) and, if
+  spec_augment, per-clip `mel_aug` parameters for audio.spec_augment (applied in the step)."""
   from ds_jax.models.encoders import tokenize_bytes
   rng = np.random.default_rng([seed, epoch, 7])
   order = rng.permutation(len(data.images))
@@ -211,8 +217,11 @@ def batches(data: DigitTri, batch_size: int, seed: int, epoch: int, text_len: in
     idx = order[start:start + batch_size]
     labels = data.image_labels[idx]
     clips = [data.speech.clips[rng.choice(by_class[c])] for c in labels]
-    wave = np.stack([augment_clip(c, rng) if augment else A.place(c, CLIP_SAMPLES)
+    wave = np.stack([augment_clip(c, rng, speed) if augment else A.place(c, CLIP_SAMPLES)
                      for c in clips])
     texts = [TEMPLATES[rng.integers(len(TEMPLATES))].format(w=WORDS[c], d=c) for c in labels]
-    yield {"image": data.images[idx], "audio": wave, "text": tokenize_bytes(texts, text_len),
+    out = {"image": data.images[idx], "audio": wave, "text": tokenize_bytes(texts, text_len),
            "label": labels.astype(np.int32)}
+    if augment and spec_augment:
+      out["mel_aug"] = A.spec_augment_params(rng, batch_size, A.num_frames(CLIP_SAMPLES))
+    yield out

@@ -37,6 +37,11 @@ class EncoderConfig:
   num_channels: int = 1
   class_token: bool = False
   pre_layernorm: bool = False  # CLIP's `pre_layrnorm`
+  # Pixels are standardised inside the tower, (x - pixel_mean) / pixel_std (identity by default;
+  # CLIP towers get normalised images from the data pipeline instead). Uncentred [0, 1] digits
+  # share one large mean component: at init every image then had cosine ~0.99 to every other.
+  pixel_mean: float = 0.0
+  pixel_std: float = 1.0
   # Text stem (byte tokens; 0 = padding).
   vocab_size: int = 260
   max_position_embeddings: int = 64
@@ -44,6 +49,10 @@ class EncoderConfig:
   n_mels: int = 80
   patch_frames: int = 4
   max_frames: int = 128
+  # "patch": one linear map of each non-overlapping patch; "conv": Whisper-like 1-D conv stem
+  # over time (kernel 3, GELU): one stride-1 conv, then log2(patch_frames) stride-2 convs
+  # (patch_frames must be a power of two), so both stems give ceil(T / patch_frames) tokens.
+  audio_stem: str = "patch"
 
   def replace(self, **kw: Any) -> "EncoderConfig":
     return dataclasses.replace(self, **kw)
@@ -144,6 +153,8 @@ class ViT(nn.Module):
     c = self.cfg
     dtype = jnp.dtype(c.dtype)
     b, hh, ww, ch = images_BxHxWxC.shape
+    if c.pixel_mean != 0.0 or c.pixel_std != 1.0:
+      images_BxHxWxC = (images_BxHxWxC - c.pixel_mean) / c.pixel_std
     p = c.patch_size
     gh, gw = hh // p, ww // p
     x = images_BxHxWxC[:, :gh * p, :gw * p].reshape(b, gh, p, gw, p, ch)
@@ -193,10 +204,22 @@ class AudioEncoder(nn.Module):
     dtype = jnp.dtype(c.dtype)
     b, t, m = mel_BxTxM.shape
     p = c.patch_frames
-    n = t // p
-    patches_BxNxP = mel_BxTxM[:, :n * p].reshape(b, n, p * m)
-    x_BxNxD = Linear(c.hidden_size, ("patch", "embed"), dtype=dtype, use_bias=True,
-                     init_std=c.initializer_range, name="patch_embedding")(patches_BxNxP)
+    if c.audio_stem == "conv":
+      if p & (p - 1):
+        raise ValueError(f"audio_stem='conv' needs a power-of-two patch_frames; got {p}")
+      act = activation(c.hidden_act)
+      x_BxNxD = mel_BxTxM.astype(dtype)
+      for i, stride in enumerate([1] + [2] * (p.bit_length() - 1)):
+        x_BxNxD = act(nn.Conv(c.hidden_size, (3,), strides=(stride,), padding=((1, 1),),
+                              dtype=dtype, name=f"conv{i + 1}")(x_BxNxD))
+      n = x_BxNxD.shape[1]
+    elif c.audio_stem == "patch":
+      n = t // p
+      patches_BxNxP = mel_BxTxM[:, :n * p].reshape(b, n, p * m)
+      x_BxNxD = Linear(c.hidden_size, ("patch", "embed"), dtype=dtype, use_bias=True,
+                       init_std=c.initializer_range, name="patch_embedding")(patches_BxNxP)
+    else:
+      raise ValueError(f"audio_stem must be 'patch' or 'conv'; got {c.audio_stem!r}")
     pos = _pos_embed(self, c.max_frames // p, c.hidden_size, c.initializer_range)
     x_BxNxD = x_BxNxD + pos[:n].astype(dtype)
     x_BxNxD = Encoder(c, name="encoder")(x_BxNxD, None)

@@ -44,6 +44,11 @@ class MultimodalConfig:
   # A tower config may also be any config with a `tower_cls` (the Linen module to build) and a
   # `hidden_size`: hf_wav2vec2.Wav2Vec2Config (audio from raw waveforms), lm_tower.LMTowerConfig.
   frozen: tuple = ()  # towers trained with no gradient (LiT): their tokens are stop_gradient'ed
+  # Initial logit scale log(t) and SigLIP bias; None = the loss's published init (CLIP: t = 1/0.07;
+  # SigLIP: t = 10, b = -10). SigLIP's b = -10 is the log-odds of one positive among ~22k
+  # candidates (its batch); see multimodal_train.sigmoid_prior_bias for small batches.
+  init_log_t: Optional[float] = None
+  init_bias: Optional[float] = None
 
 
 def pair_name(a: str, b: str) -> str:
@@ -117,10 +122,11 @@ class TriModal(nn.Module):
                             init_std=fan_in_std(c.shared_width)) for m in MODALITIES}
     names = [pair_name(a, b) for a, b in ALL_PAIRS]
     init_t = (losses.SOFTMAX_INIT_LOG_T if c.contrastive == "softmax"
-              else losses.SIGMOID_INIT_LOG_T)
+              else losses.SIGMOID_INIT_LOG_T) if c.init_log_t is None else c.init_log_t
+    init_b = losses.SIGMOID_INIT_BIAS if c.init_bias is None else c.init_bias
     self.log_t = {n: self.param(f"log_t_{n}", nn.initializers.constant(init_t), (), jnp.float32)
                   for n in names}
-    self.bias = {n: self.param(f"bias_{n}", nn.initializers.constant(losses.SIGMOID_INIT_BIAS),
+    self.bias = {n: self.param(f"bias_{n}", nn.initializers.constant(init_b),
                                (), jnp.float32) for n in names}
     self.cross = {n: CrossModalBlock(c.pool_heads, name=f"cmaa_{n}") for n in names}
 
@@ -181,7 +187,8 @@ def tri_modal_loss(model: TriModal, params: Any, inputs: dict, labels_B: jax.Arr
       total = total + loss
       aux[f"{n}/loss"] = loss
       aux[f"{n}/temperature"] = la["temperature"]
-      if mdl.cfg.cmaa and cmaa_weight > 0:
+      # cmaa_weight may be traced (ramped in the train step); a Python 0 skips the block
+      if mdl.cfg.cmaa and not (isinstance(cmaa_weight, (int, float)) and cmaa_weight <= 0):
         neg = hard_negatives(z[a], z[b], labels_B)
         sa, ma = toks[a]
         sb, mb = toks[b]

@@ -46,3 +46,37 @@ def test_wav_roundtrip_stereo_and_resample(tmp_path):
   np.testing.assert_allclose(np.max(np.abs(y[1000:-1000])), 0.5, atol=0.01)
   with pytest.raises(ValueError):
     audio.read_wav(b"not a wav file at all")
+
+
+def test_spec_augment_identity_warp_and_masks():
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(2, 20, 16)).astype(np.float32)
+  p = np.zeros((2, 7), np.float32)
+  p[:, 0] = 1.0  # no warp, empty masks
+  np.testing.assert_array_equal(np.asarray(audio.spec_augment(x, p)), x)
+  p[0, 0] = 0.5  # output bin j reads input bin j / 2 (linear interpolation)
+  y = np.asarray(audio.spec_augment(x, p))
+  np.testing.assert_allclose(y[0, :, 6], x[0, :, 3], atol=1e-6)
+  np.testing.assert_allclose(y[0, :, 7], (x[0, :, 3] + x[0, :, 4]) / 2, atol=1e-6)
+  np.testing.assert_array_equal(y[1], x[1])
+  p[0, 0] = 1.0
+  p[1] = [1.0, 2, 5, 3, 4, 10, 13]  # mel bins 2..4, frames 3 and 10..12 -> the clip's mean
+  y = np.asarray(audio.spec_augment(x, p))
+  masked = np.zeros((20, 16), bool)
+  masked[:, 2:5] = masked[3] = masked[10:13] = True
+  np.testing.assert_allclose(y[1][masked], x[1].mean(), atol=1e-6)
+  np.testing.assert_array_equal(y[1][~masked], x[1][~masked])
+  q = audio.spec_augment_params(rng, 64, n_frames=20, n_mels=16, warp=0.1, max_f=4, max_t=3)
+  assert q.shape == (64, 7) and np.all(np.abs(q[:, 0] - 1) <= 0.1)
+  assert np.all(q[:, 2] - q[:, 1] <= 4) and np.all(q[:, 2] <= 16) and np.all(q[:, 6] <= 20)
+
+
+def test_speed_perturb_changes_duration_and_pitch():
+  sr, n = 16000, 8000
+  x = np.sin(2 * np.pi * 200 * np.arange(n) / sr).astype(np.float32)
+  y = audio.speed_perturb(x, 1.2)
+  assert abs(len(y) - n / 1.2) <= 2
+  spec = np.abs(np.fft.rfft(y[500:-500]))
+  f = np.argmax(spec) * sr / len(y[500:-500])
+  assert abs(f - 240) < 5  # 200 Hz played 1.2x faster
+  np.testing.assert_array_equal(audio.speed_perturb(x, 1.0), x)

@@ -95,3 +95,22 @@ def test_val_split_uses_training_voices_and_training_images(tmp_path):
                             cache_dir=str(tmp_path / "shared"))
   assert len(tr.images) + len(va.images) == 1347  # the 450 test images are not used
   assert sorted(os.listdir(tmp_path / "shared"))[0].startswith("speech_train")
+
+
+def test_batches_speed_perturb_and_spec_augment_parameters():
+  rng = np.random.default_rng(0)
+  clips = [rng.normal(size=8000).astype(np.float32) * 0.1 for _ in range(20)]
+  speech = D.SpeechSet(clips, np.repeat(np.arange(10), 2).astype(np.int32), ["v"] * 20)
+  data = D.DigitTri(rng.uniform(size=(16, 8, 8, 1)).astype(np.float32),
+                    np.arange(16, dtype=np.int32) % 10, speech)
+  plain = next(D.batches(data, 8, 0, 0))
+  assert "mel_aug" not in plain and plain["audio"].shape == (8, D.CLIP_SAMPLES)
+  b = next(D.batches(data, 8, 0, 0, speed=0.1, spec_augment=True))
+  assert b["mel_aug"].shape == (8, 7) and np.all(np.abs(b["mel_aug"][:, 0] - 1) <= 0.1)
+  assert "mel_aug" not in next(D.batches(data, 8, 0, 0, augment=False, spec_augment=True))
+  # the training step applies it to the log-mel (identity parameters change nothing)
+  from ds_jax import multimodal_train as T
+  ident = dict(b, mel_aug=np.tile(np.array([[1, 0, 0, 0, 0, 0, 0]], np.float32), (8, 1)))
+  no_aug = {k: v for k, v in b.items() if k != "mel_aug"}
+  np.testing.assert_allclose(T.model_inputs(ident)["audio"], T.model_inputs(no_aug)["audio"])
+  assert float(np.abs(T.model_inputs(b)["audio"] - T.model_inputs(no_aug)["audio"]).max()) > 0

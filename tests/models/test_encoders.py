@@ -85,3 +85,22 @@ def test_clip_vision_parity_with_transformers():
   got, _ = E.ViT(cfg).apply({"params": params}, jnp.asarray(x.transpose(0, 2, 3, 1)))
   np.testing.assert_allclose(got, want_tokens, atol=1e-4)
   np.testing.assert_allclose(got[:, 0], want_pooled, atol=1e-4)
+
+
+def test_audio_conv_stem_and_pixel_normalisation():
+  cfg = TINY.replace(patch_frames=4, max_frames=100, audio_stem="conv")
+  mel = jax.random.normal(jax.random.key(0), (2, 100, 80))
+  enc = E.AudioEncoder(cfg)
+  params = E.nn.unbox(enc.init(jax.random.key(1), mel)["params"])
+  out, mask = enc.apply({"params": params}, mel)
+  assert out.shape == (2, 25, 32) and mask.shape == (2, 25)  # same token count as the patch stem
+  assert sorted(k for k in params if k.startswith("conv")) == ["conv1", "conv2", "conv3"]
+  with pytest.raises(ValueError):
+    E.AudioEncoder(cfg.replace(patch_frames=3)).init(jax.random.key(1), mel)
+  # pixel_mean / pixel_std standardise the image inside the ViT
+  img = jax.random.uniform(jax.random.key(2), (2, 8, 8, 1))
+  vit = E.ViT(TINY.replace(patch_size=2))
+  vp = E.nn.unbox(vit.init(jax.random.key(3), img)["params"])
+  normed = E.ViT(TINY.replace(patch_size=2, pixel_mean=0.3, pixel_std=0.4))
+  np.testing.assert_allclose(normed.apply({"params": vp}, img)[0],
+                             vit.apply({"params": vp}, (img - 0.3) / 0.4)[0], atol=1e-5)

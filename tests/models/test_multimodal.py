@@ -85,3 +85,31 @@ def test_mse_ramp_and_step_cache_key():
   assert T._step_key(a, 10) == T._step_key(b, 10) != T._step_key(a, 11)
   b.cmaa = not a.cmaa
   assert T._step_key(a, 10) != T._step_key(b, 10)
+
+
+def test_sigmoid_init_is_the_batch_prior_and_cmaa_ramps():
+  import math
+  from ds_jax import multimodal_train as T
+  from ds_jax.config import load_config
+  c = load_config("experiments/mm_digits.py:sigmoid", [])
+  mcfg = T.model_config(c)
+  # log-odds of a positive: 1 in 10 with class-aware positives ...
+  assert abs(mcfg.init_bias - math.log(0.1 / 0.9)) < 1e-6
+  assert abs(mcfg.init_log_t - math.log(10.0)) < 1e-6
+  c.multi_positive = False  # ... 1 in batch_size with one positive per row
+  assert abs(T.model_config(c).init_bias + math.log(c.batch_size - 1)) < 1e-6
+  c.sigmoid_init_bias = -10.0  # SigLIP's published init, for large batches
+  assert T.model_config(c).init_bias == -10.0
+  # the model's bias / temperature parameters start there
+  cfg = CFG.__class__(**{**CFG.__dict__, "contrastive": "sigmoid", "init_bias": -2.5,
+                         "init_log_t": 1.5})
+  p = mm.init_params(cfg, jax.random.key(0), _inputs())
+  assert float(p["bias_image_text"]) == -2.5 and float(p["log_t_audio_text"]) == 1.5
+  assert float(PARAMS["log_t_image_text"]) == pytest.approx(math.log(1 / 0.07), rel=1e-6)
+  assert T.model_config(load_config("experiments/mm_digits.py:softmax", [])).init_bias is None
+  c = T.default_config()
+  c.cmaa_ramp = (0.2, 0.4)
+  assert T.cmaa_scale(c, 10, 100) == 0.0 and T.cmaa_scale(c, 30, 100) == pytest.approx(0.5)
+  assert T.cmaa_scale(c, 40, 100) == 1.0
+  c.cmaa_ramp = (0.0, 0.0)
+  assert T.cmaa_scale(c, 0, 100) == 1.0
