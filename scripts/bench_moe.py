@@ -59,7 +59,8 @@ def main() -> None:
   p.add_argument("--hidden", type=int, default=256)
   p.add_argument("--active", type=int, default=384)
   p.add_argument("--iters", type=int, default=5)
-  p.add_argument("--blocks", default="16,64")
+  p.add_argument("--blocks", default="16,64", help="padded_einsum block sizes")
+  p.add_argument("--loop-blocks", default="64,128", help="block_loop block sizes")
   p.add_argument("--slow-iters", type=int, default=1, help="iterations for ragged_dot/dense_mask")
   a = p.parse_args()
   x = jnp.asarray(np.random.default_rng(1).normal(size=(a.tokens // 256, 256, a.hidden)),
@@ -68,7 +69,8 @@ def main() -> None:
         f"hidden={a.hidden} active_width={a.active} iters={a.iters} (median, fwd+bwd)")
   dense = _time(*_step(MLP(a.active), x), a.iters)
   print(f"{'dense SwiGLU F=' + str(a.active):44s} {dense * 1e3:9.1f} ms   1.00x dense")
-  strategies = [("padded_einsum", int(b), "dropless") for b in a.blocks.split(",")]
+  strategies = [("block_loop", int(b), "dropless") for b in a.loop_blocks.split(",")]
+  strategies += [("padded_einsum", int(b), "dropless") for b in a.blocks.split(",")]
   strategies += [("padded_einsum", 0, "capacity"), ("ragged_dot", 0, "dropless"),
                  ("dense_mask", 0, "dropless")]
   shapes = [("coarse 8e top-2", 8, 2), ("fine 64e top-6", 64, 6)]

@@ -133,8 +133,14 @@ class MLAttention(nn.Module):
     kv_BxSxHxE = self.kv_b_proj(ckv_BxSxC, deterministic)
     kn_BxSxHxN = kv_BxSxHxE[..., :c.qk_nope_head_dim]
     v_BxSxHxV = kv_BxSxHxE[..., c.qk_nope_head_dim:]
-    logits_BxHxTxS = (jnp.einsum("bthn,bshn->bhts", qn_BxLxHxN, kn_BxSxHxN) +
-                      jnp.einsum("bthr,bsr->bhts", qpe_BxLxHxR, kpe_BxSxR))
+    # One score einsum over [nope ; rope] (the shared k_pe broadcast to every head) instead of two
+    # summed [B, H, T, S] products: one fewer score-sized temporary and add, forward and backward.
+    h = qn_BxLxHxN.shape[2]
+    q_BxLxHxE = jnp.concatenate([qn_BxLxHxN, qpe_BxLxHxR.astype(qn_BxLxHxN.dtype)], -1)
+    kpe_BxSxHxR = jnp.broadcast_to(kpe_BxSxR[:, :, None], kpe_BxSxR.shape[:2] + (h,) +
+                                   kpe_BxSxR.shape[2:]).astype(kn_BxSxHxN.dtype)
+    k_BxSxHxE = jnp.concatenate([kn_BxSxHxN, kpe_BxSxHxR], -1)
+    logits_BxHxTxS = jnp.einsum("bthe,bshe->bhts", q_BxLxHxE, k_BxSxHxE)
     probs_BxHxTxS = _masked_softmax(logits_BxHxTxS, causal_mask(positions_BxL, positions_BxL),
                                     softmax_scale(c)).astype(v_BxSxHxV.dtype)
     out_BxTxHxV = jnp.einsum("bhts,bshv->bthv", probs_BxHxTxS, v_BxSxHxV)

@@ -9,12 +9,17 @@ Grouped-matmul strategies (`moe_matmul`):
   Rows R <= N + E (b - 1) is a static bound, so the layout is dropless; blocks of b rows share
   one expert whose weights are gathered per block: one batched einsum [R/b, b, D] x [R/b, D, F].
   Under a capacity limit it is the GShard layout [E, C, D] x [E, D, F] (no weight gather).
+- block_loop (CPU default): the same padded block layout, but a loop over the *non-empty* blocks
+  (dynamic trip count) multiplies each block by its expert's weights in place — no gathered
+  weight copies, no all-padding blocks — with a hand-written backward pass that accumulates
+  each expert's weight gradient. Plain weight arrays only (kernel objects use padded_einsum).
 - ragged_dot: `jax.lax.ragged_dot` on the expert-sorted rows (fast on GPU/TPU, slow on CPU).
 - dense_mask: every expert computes every slot, then a one-hot mask picks (the test reference).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, NamedTuple, Optional
 
@@ -34,11 +39,20 @@ class ExpertKernels(NamedTuple):
   down_proj: Any  # [E, F, D]
 
 
-def resolve_matmul(strategy: str) -> str:
-  """'auto' -> padded_einsum on CPU, ragged_dot on GPU/TPU."""
+# Below this block size the per-iteration cost of block_loop's loop outweighs its savings: KV-cache
+# decoding routes a handful of tokens in blocks of 1-8 rows (`kv_cache.moe_block`). Measured on
+# bench_dsv2_tiny decoding: batch 1 (blocks of 1 row) ran at half the speed with the loop, batch
+# 16 (blocks of 4) 1.2-1.35x faster.
+MIN_LOOP_BLOCK = 4
+
+
+def resolve_matmul(strategy: str, block: int = MIN_LOOP_BLOCK) -> str:
+  """'auto' -> on CPU block_loop (padded_einsum for blocks under 4 rows); ragged_dot elsewhere."""
   if strategy != "auto":
     return strategy
-  return "padded_einsum" if jax.default_backend() == "cpu" else "ragged_dot"
+  if jax.default_backend() != "cpu":
+    return "ragged_dot"
+  return "block_loop" if block >= MIN_LOOP_BLOCK else "padded_einsum"
 
 
 def capacity(n_slots: int, n_experts: int, factor: float) -> int:
@@ -168,8 +182,8 @@ def expert_rows(x_NxD: Array, e_N: Array, valid_N: Array, k: ExpertKernels, stra
   if cap is not None:
     valid_N = valid_N & (rank_N < cap)
     counts_E = jnp.minimum(counts_E, cap)
-  strategy = resolve_matmul(strategy)
-  if strategy == "ragged_dot" and any(hasattr(a, "einsum") for a in k):
+  strategy = resolve_matmul(strategy, block)
+  if strategy in ("ragged_dot", "block_loop") and any(hasattr(a, "einsum") for a in k):
     strategy = "padded_einsum"  # kernel objects only promise an einsum
   if strategy == "dense_mask":
     y_ExNxD = swiglu(x_NxD, k, "nd,edf->enf", "enf,efd->end", dtype)
@@ -190,7 +204,7 @@ def expert_rows(x_NxD: Array, e_N: Array, valid_N: Array, k: ExpertKernels, stra
     h = nn.silu(rd(xs_NxD, k.gate_proj)) * rd(xs_NxD, k.up_proj)
     ys_NxD = rd(h, k.down_proj) * valid_sorted[:, None]
     return gather_rows(ys_NxD, inv_N, order_N), valid_N
-  if strategy != "padded_einsum":
+  if strategy not in ("padded_einsum", "block_loop"):
     raise ValueError(f"unknown moe_matmul {strategy!r}")
   # Block-sparse dropless layout: each expert's run padded to a multiple of `block` rows.
   b = block
@@ -203,9 +217,97 @@ def expert_rows(x_NxD: Array, e_N: Array, valid_N: Array, k: ExpertKernels, stra
   block_e = jnp.searchsorted(pend_E, jnp.arange(n_blocks) * b, side="right")
   block_e = jnp.minimum(block_e, n_exp - 1)  # trailing empty blocks: any expert, zero rows
   x_RxD, src_R = _rows_from_slots(x_NxD, rows, n_rows)
+  if strategy == "block_loop":
+    n_active = (pend_E[-1] // b).astype(jnp.int32)
+    ws = [_vary_like(jnp.asarray(w), x_RxD, block_e) for w in k]
+    o_RxD = block_loop_swiglu(x_RxD.reshape(n_blocks, b, d).astype(dtype), *ws, block_e,
+                              n_active).reshape(n_rows, d)
+    return _slots_from_rows(o_RxD, rows, src_R), valid_N
   fn = _block_swiglu if _tensor_parallel() else _remat_block_swiglu
   o_RxD = fn(x_RxD.reshape(n_blocks, b, d), k, block_e, dtype).reshape(n_rows, d)
   return _slots_from_rows(o_RxD, rows, src_R), valid_N
+
+
+# block_loop: blocks of b rows, each owned by one expert, processed by a loop that stops after the
+# last non-empty block. On XLA:CPU the batched einsum over gathered per-block weights ran at about
+# half the speed of one plain matmul (small batched dots, plus the [blocks, D, F] weight copies and
+# their scatter-add transpose); one [b, D] x [D, F] dot per loop iteration, reading the expert's
+# weights in place, halved the forward + backward time of the expert FFN in isolation
+# (docs/benchmarks.md). Residuals are the gate and up pre-activations [blocks, b, F] (what
+# `dots_saveable` keeps for padded_einsum as well); blocks past `n_active` stay zero.
+
+
+@jax.custom_vjp
+def block_loop_swiglu(x_NxBxD: Array, wg_ExDxF: Array, wu_ExDxF: Array, wd_ExFxD: Array,
+                      block_e: Array, n_active: Array) -> Array:
+  """y[i] = FFN_{block_e[i]}(x[i]) for blocks i < n_active (zero beyond), in x's dtype."""
+  return _block_loop_fwd_impl(x_NxBxD, wg_ExDxF, wu_ExDxF, wd_ExFxD, block_e, n_active,
+                              save=False)[0]
+
+
+def _block_loop_fwd_impl(x, wg, wu, wd, block_e, n_active, save):
+  nb, b, _ = x.shape
+  f = wg.shape[-1]
+  dt = x.dtype
+
+  def body(i, carry):
+    y, gs, us = carry
+    e = block_e[i]
+    xb = x[i]
+    g = xb @ wg[e].astype(dt)
+    u = xb @ wu[e].astype(dt)
+    y = jax.lax.dynamic_update_index_in_dim(y, (nn.silu(g) * u) @ wd[e].astype(dt), i, 0)
+    if save:
+      gs = jax.lax.dynamic_update_index_in_dim(gs, g, i, 0)
+      us = jax.lax.dynamic_update_index_in_dim(us, u, i, 0)
+    return y, gs, us
+
+  def zeros(shape):  # loop carries must vary over the same shard_map axes as the body's values
+    return _vary_like(jnp.zeros(shape, dt), x, wg, block_e, n_active)
+  z = zeros((nb, b, f) if save else (0,))
+  y, gs, us = jax.lax.fori_loop(0, n_active, body, (zeros(x.shape), z, z))
+  return y, gs, us
+
+
+def _block_loop_fwd(x, wg, wu, wd, block_e, n_active):
+  y, gs, us = _block_loop_fwd_impl(x, wg, wu, wd, block_e, n_active, save=True)
+  return y, (x, wg, wu, wd, block_e, n_active, gs, us)
+
+
+def _add_at(acc: Array, e: Array, delta: Array) -> Array:
+  """acc[e] += delta as a slice read and an in-place slice write (`.at[e].add` lowers to a
+  scatter whose bounds-check select made XLA:CPU rewrite the whole accumulator every step)."""
+  cur = jax.lax.dynamic_index_in_dim(acc, e, 0, keepdims=False)
+  return jax.lax.dynamic_update_index_in_dim(acc, cur + delta.astype(acc.dtype), e, 0)
+
+
+def _block_loop_bwd(res, dy):
+  x, wg, wu, wd, block_e, n_active, gs, us = res
+  dt = x.dtype
+
+  def body(i, carry):
+    dx, dwg, dwu, dwd = carry
+    e = block_e[i]
+    xb, g, u, dyb = x[i], gs[i], us[i], dy[i].astype(dt)
+    sig = jax.nn.sigmoid(g)
+    sg = g * sig
+    dh = dyb @ wd[e].astype(dt).T
+    du = dh * sg
+    dg = dh * u * (sig * (1 + g * (1 - sig)))
+    dx = jax.lax.dynamic_update_index_in_dim(
+        dx, dg @ wg[e].astype(dt).T + du @ wu[e].astype(dt).T, i, 0)
+    dwd = _add_at(dwd, e, (sg * u).T @ dyb)
+    dwg = _add_at(dwg, e, xb.T @ dg)
+    dwu = _add_at(dwu, e, xb.T @ du)
+    return dx, dwg, dwu, dwd
+
+  init = tuple(_vary_like(jnp.zeros(a.shape, a.dtype), x, wg, block_e, n_active, dy)
+               for a in (x, wg, wu, wd))
+  dx, dwg, dwu, dwd = jax.lax.fori_loop(0, n_active, body, init)
+  return dx, dwg, dwu, dwd, None, None
+
+
+block_loop_swiglu.defvjp(_block_loop_fwd, _block_loop_bwd)
 
 
 def _tensor_parallel() -> bool:
@@ -227,6 +329,33 @@ def _block_swiglu(x_NxBxD: Array, k: ExpertKernels, block_e: Array, dtype: Any) 
 # over "tensor" (3 more all-gathers per layer in tests/golden), which costs more than it saves.
 _remat_block_swiglu = jax.checkpoint(
     _block_swiglu, policy=jax.checkpoint_policies.dots_saveable, static_argnums=(3,))
+
+
+def tile_rows(x_TxD: Array, k: int) -> Array:
+  """[k * T, D]: x repeated k times (choice-major slots). Its transpose sums the k copies with
+  slice adds: autodiff's reshape(k, T, D).sum(0) is the strided reduction that XLA:CPU runs
+  slowly (see `combine_slots`; ~9 ms per MoE layer of the bench_dsv2_tiny step)."""
+  return _tile_rows(x_TxD, k)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _tile_rows(x_TxD: Array, k: int) -> Array:
+  return jnp.concatenate([x_TxD] * k, axis=0)
+
+
+def _tile_rows_fwd(x_TxD, k):
+  return _tile_rows(x_TxD, k), None
+
+
+def _tile_rows_bwd(k, _, g_NxD):
+  t = g_NxD.shape[0] // k
+  acc = g_NxD[:t]
+  for j in range(1, k):
+    acc = acc + g_NxD[j * t:(j + 1) * t]
+  return (acc,)
+
+
+_tile_rows.defvjp(_tile_rows_fwd, _tile_rows_bwd)
 
 
 def combine_slots(o_NxD: Array, w_TxK: Array) -> Array:
@@ -259,6 +388,6 @@ def local_moe(x_TxD: Array, idx_TxK: Array, w_TxK: Array, valid_T: Array, k: Exp
         w_TxK * valid_T[:, None])
     y_ExTxD = swiglu(x_TxD, k, "td,edf->etf", "etf,efd->etd", dtype)
     return jnp.einsum("etd,te->td", y_ExTxD, comb_TxE.astype(y_ExTxD.dtype)), jnp.int32(0)
-  x_NxD = jnp.tile(x_TxD, (kk, 1))
+  x_NxD = tile_rows(x_TxD, kk)
   o_NxD, kept_N = expert_rows(x_NxD, e_N, valid_N, k, strategy, block, dtype, cap)
   return combine_slots(o_NxD, w_TxK), jnp.sum(valid_N & ~kept_N).astype(jnp.int32)

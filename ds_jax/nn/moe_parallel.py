@@ -46,7 +46,7 @@ def _ep_body(x_TxD, idx_TxK, w_TxK, valid_T, k: md.ExpertKernels, *, n_exp: int,
   e_loc = n_exp // n_shards
   e_N = idx_TxK.T.reshape(-1)
   valid_N = jnp.tile(valid_T, kk)
-  x_NxD = jnp.tile(x_TxD, (kk, 1))
+  x_NxD = md.tile_rows(x_TxD, kk)
   a2a = functools.partial(jax.lax.all_to_all, axis_name="expert", split_axis=0, concat_axis=0,
                           tiled=True)
   if cap_factor is not None:

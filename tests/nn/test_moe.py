@@ -76,7 +76,8 @@ def test_param_tree_and_aux_keys():
 
 
 @pytest.mark.parametrize("matmul,block", [
-    ("dense_mask", 1), ("padded_einsum", 4),
+    ("dense_mask", 1), ("padded_einsum", 4), ("block_loop", 4),
+    pytest.param("block_loop", 1, marks=pytest.mark.slow),
     pytest.param("padded_einsum", 1, marks=pytest.mark.slow),
     pytest.param("padded_einsum", 64, marks=pytest.mark.slow),
     pytest.param("ragged_dot", 1, marks=pytest.mark.slow)])
@@ -89,7 +90,7 @@ def test_dropless_matches_numpy(matmul, block):
   assert float(aux["drop_frac"]) == 0.0
 
 
-@pytest.mark.parametrize("matmuls", [("padded_einsum",), pytest.param(
+@pytest.mark.parametrize("matmuls", [("padded_einsum", "block_loop"), pytest.param(
     ("ragged_dot",), marks=pytest.mark.slow)])
 def test_strategies_agree_in_gradients(matmuls):
   cfg = CFG.replace(topk_method="group_limited_greedy", n_group=4, topk_group=2)

@@ -59,6 +59,16 @@ def test_expert_parallel_equals_one_device(sizes):
   _compare(CFG, sizes)
 
 
+@pytest.mark.parametrize("sizes", [
+    dict(data=2, fsdp=1, expert=2, tensor=2),
+    pytest.param(dict(data=1, fsdp=2, expert=4, tensor=1), marks=pytest.mark.slow),
+])
+def test_block_loop_sharded_equals_one_device(sizes):
+  """The CPU loop kernel's hand-written backward inside shard_map: replicated weights get the
+  psum of their per-shard gradients."""
+  _compare(CFG.replace(moe_matmul="block_loop"), sizes)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("sizes", [
     dict(data=2, fsdp=1, expert=2, tensor=2),
