@@ -4,13 +4,20 @@
     python scripts/quant_quality.py --sizes      # true bytes on disk per group size / grid
 
 Protocol (see experiments/qat_int4.py): per seed, phase 1 trains `float` for its 400 steps;
-phase 2 starts every variant — float too — from that checkpoint and trains FINETUNE_STEPS more
-steps on the same next batches (data steps 400...) at a constant FINETUNE_LR, fresh AdamW state.
-float32 / PTQ are the phase-2 float weights without / with round-to-nearest W4 g128, so all
-methods see the same tokens. Perplexity is over the whole validation split. Each model is
+phase 2 starts every variant — float too — from that checkpoint and trains FINETUNE_STEPS (300)
+more steps on the same next batches (data steps 400...) with the same learning-rate schedule
+(FINETUNE_LR 3e-4, cosine to 0), fresh AdamW state. float32 / PTQ are the phase-2 float weights
+without / with round-to-nearest absmax W4 g128 (the baseline), so all methods see the same tokens;
+"PTQ W4 g128 MSE" (round-to-nearest with MSE-searched clipping) is a diagnostic row showing how much
+of the gap the better scales alone recover. QAT arms: MSE scales (the recipe), absmax scales, MSE
++ int8 activations (W4A8), LSQ. Perplexity is over the whole validation split. Each model is
 evaluated as fake-quant and as the packed export (`quantize_params`: dequant backend for
 weight-only, int8 x int8 dots for W4A8). Gap recovery is paired per seed:
 (PTQ - QAT) / (PTQ - float32) with that seed's three numbers.
+
+--finetune-steps / --finetune-schedule change phase 2 for every arm alike (the earlier protocol
+was 100 steps, constant); --phase1-cache keeps each seed's phase-1 checkpoint for reruns; seeds
+run as separate processes are merged with --report --merge.
 
 Diagnostics written with each row: the training loss of phase 2's first step (all variants start
 from the same weights and batch, so QAT's excess over float is the fake-quant effect, i.e. proof
@@ -112,20 +119,42 @@ def weight_error(params, qcfg, qstate=None) -> float:
   return float(np.sqrt(num / den))
 
 
-METHODS = {"qat": "QAT W4 g128", "qat_w4a8": "QAT W4A8 g128", "qat_lsq": "QAT W4 g128 LSQ"}
+METHODS = {"qat_mse": "QAT W4 g128 MSE", "qat": "QAT W4 g128 absmax",
+           "qat_w4a8": "QAT W4A8 g128 MSE", "qat_lsq": "QAT W4 g128 LSQ"}
 
 
-def run_seed(seed: int, smoke: bool, variants: tuple[str, ...]) -> list[dict]:
+def phase1(cfg, data, cache: str | None):
+  """Phase 1 (float, the config's steps) -> (params, model config, seconds), cached under `cache`
+  as a pickle of numpy arrays when given (deterministic per seed, so a cache only saves time)."""
+  import pickle
+  path = cache and os.path.join(cache, f"phase1_seed{cfg.seed}_{cfg.steps}x{cfg.batch_size}.pkl")
+  if path and os.path.exists(path):
+    with open(path, "rb") as f:
+      base = pickle.load(f)
+    return base, cfglib.validate(cfg, jax.device_count()), 0.0
+  base, mc, _, secs = train(cfg, data)
+  if path:
+    os.makedirs(cache, exist_ok=True)
+    with open(path + ".tmp", "wb") as f:
+      pickle.dump(jax.tree.map(np.asarray, base), f)
+    os.replace(path + ".tmp", path)
+  return base, mc, secs
+
+
+def run_seed(seed: int, smoke: bool, variants: tuple[str, ...], ft: str = "",
+             cache: str | None = None) -> list[dict]:
+  """ft: extra phase-2 arguments for experiments/qat_int4.py (e.g. ",steps=300,schedule=cosine")."""
   from ds_jax.data.text import TextData
   sfx = ",smoke" if smoke else ""
   cfg = experiment("float" + sfx)
   cfg.seed = seed
   data = TextData(cfg)
   print(f"seed {seed}: phase 1, float, {cfg.steps} steps", flush=True)
-  base, mc, losses1, secs1 = train(cfg, data)
+  base, mc, secs1 = phase1(cfg, data, cache)
   q = dict(cfg.quant.to_dict(), enabled=True, calibration="absmax", start_step=0)
   w4 = quant.from_config(dict(q, act_bits=0))
   w4a8 = quant.from_config(dict(q, act_bits=8))
+  w4mse = quant.from_config(dict(q, act_bits=0, calibration="mse"))
   ppl = lambda p: perplexity(mc, p, data)
   rows = [dict(seed=seed, method="float32 (phase 1 only)", ppl=ppl(base), steps=cfg.steps,
                train_seconds=round(secs1, 1)),
@@ -135,17 +164,22 @@ def run_seed(seed: int, smoke: bool, variants: tuple[str, ...]) -> list[dict]:
     print("  " + json.dumps(r), flush=True)
   offset = cfg.steps
   for variant in ("float",) + tuple(v for v in variants if v != "float"):
-    fcfg = experiment(variant + ",finetune" + sfx)
+    fcfg = experiment(variant + ",finetune" + ft + sfx)
     fcfg.seed = seed
-    print(f"seed {seed}: phase 2, {variant}, {fcfg.steps} steps", flush=True)
+    print(f"seed {seed}: phase 2, {variant}, {fcfg.steps} steps, {fcfg.optimizer.schedule} lr "
+          f"{fcfg.optimizer.learning_rate:g}", flush=True)
     params, _, losses, secs = train(fcfg, data, base, offset)
-    r = dict(seed=seed, steps=offset + fcfg.steps, train_seconds=round(secs, 1),
-             first_loss=losses[0], last_loss=losses[-1], losses=[round(x, 4) for x in losses])
+    r = dict(seed=seed, steps=offset + fcfg.steps, schedule=fcfg.optimizer.schedule,
+             train_seconds=round(secs, 1), first_loss=losses[0], last_loss=losses[-1],
+             losses=[round(x, 4) for x in losses])
     if variant == "float":
       out = [dict(r, method="float32", ppl=ppl(params)),
              dict(r, method="PTQ W4 g128", ppl=ppl(quant.fake_quantize(params, w4)),
                   packed_ppl=ppl(quant.quantize_params(params, w4, backend="dequant")),
                   weight_error=weight_error(params, w4)),
+             dict(r, method="PTQ W4 g128 MSE", ppl=ppl(quant.fake_quantize(params, w4mse)),
+                  packed_ppl=ppl(quant.quantize_params(params, w4mse, backend="dequant")),
+                  weight_error=weight_error(params, w4mse)),
              dict(r, method="PTQ W4A8 g128", ppl=ppl(quant.qat_params(params, w4a8)),
                   packed_ppl=ppl(quant.quantize_params(params, w4a8, backend="int8")))]
     else:
@@ -183,9 +217,9 @@ def table(rows: list[dict]) -> str:
     p = np.array([by[(s, m)]["ppl"] for s in seeds])
     pk = [by[(s, m)]["packed_ppl"] for s in seeds if "packed_ppl" in by[(s, m)]]
     ret = f"{np.mean(f32 / p) * 100:.2f}%" if "phase 1" not in m else ""
-    rec = recoveries(rows, m) if m.startswith("QAT") else []
-    per = ", ".join(f"{x * 100:.0f}%" for x in rec)
-    mean = f"{np.mean(rec) * 100:.0f}%" if rec else ""
+    rec = recoveries(rows, m) if m.startswith("QAT") or m == "PTQ W4 g128 MSE" else []
+    per = ", ".join(f"{x * 100:.1f}%" for x in rec)
+    mean = f"{np.mean(rec) * 100:.1f}%" if rec else ""
     lines.append(f"| {m} | {p.mean():.4f} ± {p.std():.4f} | "
                  f"{np.mean(pk):.4f} | {ret} | {per} | {mean} |" if pk else
                  f"| {m} | {p.mean():.4f} ± {p.std():.4f} | – | {ret} | {per} | {mean} |")
@@ -193,7 +227,8 @@ def table(rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], path: str) -> None:
-  """Left: per-seed perplexity relative to that seed's float32; right: phase-2 training loss."""
+  """Left: per-seed perplexity relative to that seed's float32; right: phase-2 training loss of
+  each QAT arm minus float32's on the same batch (the fake-quant penalty as QAT adapts)."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -203,20 +238,21 @@ def plot(rows: list[dict], path: str) -> None:
   fig, (ax, bx) = plt.subplots(1, 2, figsize=(9, 3.2))
   for i, m in enumerate(methods):
     d = [(by[(s, m)]["ppl"] / by[(s, "float32")]["ppl"] - 1) * 100 for s in seeds]
-    ax.bar(i, np.mean(d), color="C0" if m == "float32" else ("C3" if "PTQ" in m else "C2"),
-           alpha=0.6)
+    color = "C0" if m == "float32" else ("C3" if m.startswith("PTQ") else "C2")
+    ax.bar(i, np.mean(d), color=color, alpha=0.35 if m == "PTQ W4 g128 MSE" else 0.6)
     ax.scatter([i] * len(d), d, color="k", s=10, zorder=3)
   ax.axhline(1.0, color="gray", ls=":", lw=1)
   ax.set_xticks(range(len(methods)), methods, rotation=20, fontsize=7, ha="right")
   ax.set_ylabel("val ppl vs same-seed float32 (%)")
-  for m, c in (("float32", "C0"),) + tuple((m, f"C{i + 1}") for i, m in
-                                            enumerate(x for x in methods if x.startswith("QAT"))):
-    curves = np.array([by[(s, m)]["losses"] for s in seeds])
-    k = 10
-    sm = np.array([np.convolve(c_, np.ones(k) / k, mode="valid") for c_ in curves]).mean(0)
-    bx.plot(np.arange(len(sm)) + k, sm, color=c, label=m, lw=1)
-  bx.set_xlabel("phase-2 step (10-step mean, mean over seeds)")
-  bx.set_ylabel("train loss")
+  k = 20
+  for i, m in enumerate(x for x in methods if x.startswith("QAT")):
+    diff = np.array([np.subtract(by[(s, m)]["losses"], by[(s, "float32")]["losses"])
+                     for s in seeds]).mean(0)
+    sm = np.convolve(diff, np.ones(k) / k, mode="valid")
+    bx.plot(np.arange(len(sm)) + k, sm, color=f"C{i + 1}", label=m, lw=1)
+  bx.axhline(0.0, color="gray", ls=":", lw=1)
+  bx.set_xlabel(f"phase-2 step ({k}-step mean, mean over seeds)")
+  bx.set_ylabel("train loss − float32's (nats)")
   bx.legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(path, dpi=80)
@@ -247,31 +283,53 @@ def sizes() -> str:
 
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--seeds", default="0,1,2")
+  p.add_argument("--seeds", default=None,
+                 help="default 0,1,2; with --report: only these seeds of the results")
   p.add_argument("--out", default="runs/quant_quality")
-  p.add_argument("--variants", default="qat,qat_w4a8,qat_lsq",
+  p.add_argument("--variants", default="qat_mse,qat,qat_w4a8,qat_lsq",
                  help="phase-2 QAT variants (float always runs)")
+  p.add_argument("--finetune-steps", type=int, default=None,
+                 help="phase-2 steps, every arm (default: experiments/qat_int4.py FINETUNE_STEPS)")
+  p.add_argument("--finetune-schedule", choices=("constant", "cosine"), default=None,
+                 help="phase-2 lr schedule, every arm (default: FINETUNE_SCHEDULE)")
+  p.add_argument("--phase1-cache", default=None,
+                 help="folder to keep / reuse the phase-1 float checkpoint of each seed")
   p.add_argument("--smoke", action="store_true")
   p.add_argument("--sizes", action="store_true", help="only print the on-disk size table")
   p.add_argument("--report", action="store_true", help="only re-make table and plot from --out")
+  p.add_argument("--merge", default="",
+                 help="with --report: comma-separated folders whose results.jsonl are "
+                      "concatenated into --out first (seeds run as separate processes)")
   a = p.parse_args()
   if a.sizes:
     print(sizes())
     return
   os.makedirs(a.out, exist_ok=True)
   path = os.path.join(a.out, "results.jsonl")
+  sfx = ""
   if a.report:
+    if a.merge:
+      merged = [x for d in a.merge.split(",") for x in open(os.path.join(d, "results.jsonl"))]
+      with open(path, "w") as f:
+        f.writelines(merged)
     rows = [json.loads(x) for x in open(path)]
+    if a.seeds is not None:  # a subset: table_seeds0-1-2.md, ppl_seeds0-1-2.png
+      sfx = "_seeds" + a.seeds.replace(",", "-")
+      keep = {int(x) for x in a.seeds.split(",")}
+      rows = [r for r in rows if r["seed"] in keep]
   else:
     rows = []
-    for s in (int(x) for x in a.seeds.split(",")):
-      rows += run_seed(s, a.smoke, tuple(v for v in a.variants.split(",") if v))
+    ft = "".join(f",{k}={v}" for k, v in (("steps", a.finetune_steps),
+                                           ("schedule", a.finetune_schedule)) if v is not None)
+    for s in (int(x) for x in (a.seeds or "0,1,2").split(",")):
+      rows += run_seed(s, a.smoke, tuple(v for v in a.variants.split(",") if v), ft,
+                       a.phase1_cache)
       with open(path, "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
   t = table(rows)
-  with open(os.path.join(a.out, "table.md"), "w") as f:
+  with open(os.path.join(a.out, f"table{sfx}.md"), "w") as f:
     f.write(t + "\n")
-  plot(rows, os.path.join(a.out, "ppl.png"))
+  plot(rows, os.path.join(a.out, f"ppl{sfx}.png"))
   print(t)
 
 

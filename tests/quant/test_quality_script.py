@@ -32,15 +32,28 @@ def test_recovery_is_paired_per_seed():
   rec = qq.recoveries(_rows(), "QAT W4 g128")
   assert rec == pytest.approx([0.75, -0.5])
   t = qq.table(_rows())
-  assert "75%, -50%" in t and "| 12% |" in t  # mean of the per-seed recoveries
+  assert "75.0%, -50.0%" in t and "| 12.5% |" in t  # mean of the per-seed recoveries
 
 
 def test_experiment_variants():
   qq = _script()
   ft = qq.experiment("qat_lsq,finetune")
   assert ft.quant.enabled and ft.quant.calibration == "lsq" and ft.quant.start_step == 0
-  assert ft.optimizer.schedule == "constant" and ft.steps < qq.experiment("float").steps
-  assert not qq.experiment("float,finetune").quant.enabled
+  # phase 2: every arm decays the same lr to 0 over the same steps, no warmup
+  assert ft.optimizer.schedule == "cosine" and ft.optimizer.min_lr_ratio == 0.0
+  assert ft.optimizer.warmup_steps == 0 and ft.steps == 300
+  fl = qq.experiment("float,finetune")
+  assert not fl.quant.enabled and fl.optimizer.to_dict() == ft.optimizer.to_dict()
+  assert qq.experiment("qat_mse,finetune").quant.calibration == "mse"
+  assert qq.experiment("qat,finetune").quant.calibration == "absmax"
+  w4a8 = qq.experiment("qat_w4a8,finetune").quant
+  assert w4a8.calibration == "mse" and w4a8.act_bits == 8
+  old = qq.experiment("qat,finetune,steps=100,schedule=constant")  # the earlier protocol
+  assert old.steps == 100 and old.optimizer.schedule == "constant"
+  with pytest.raises(ValueError):
+    qq.experiment("qat,finetune,schedule=wsd")
+  with pytest.raises(ValueError):
+    qq.experiment("qat,finetune,lr=1")
 
 
 @pytest.mark.slow
@@ -51,9 +64,10 @@ def test_smoke_protocol(tmp_path, monkeypatch):
   qq.main()
   rows = [json.loads(x) for x in open(tmp_path / "results.jsonl")]
   by = {r["method"]: r for r in rows}
-  for m in ("PTQ W4 g128", "QAT W4 g128", "QAT W4A8 g128", "QAT W4 g128 LSQ"):
+  for m in ("PTQ W4 g128", "PTQ W4 g128 MSE", "QAT W4 g128 MSE", "QAT W4 g128 absmax",
+            "QAT W4A8 g128 MSE", "QAT W4 g128 LSQ"):
     assert by[m]["packed_ppl"] == pytest.approx(by[m]["ppl"], rel=1e-4)
   # phase 2 starts every variant from the same weights and batch: only fake quant differs
-  assert by["QAT W4 g128"]["first_loss"] != by["float32"]["first_loss"]
-  assert abs(by["QAT W4 g128"]["first_loss"] - by["float32"]["first_loss"]) < 0.1
+  assert by["QAT W4 g128 MSE"]["first_loss"] != by["float32"]["first_loss"]
+  assert abs(by["QAT W4 g128 MSE"]["first_loss"] - by["float32"]["first_loss"]) < 0.1
   assert (tmp_path / "ppl.png").exists()
