@@ -85,9 +85,12 @@ def default_config() -> ml_collections.ConfigDict:
   # tuning without looking at the test voices).
   # speed_perturb: clips play at a random speed in [1 - s, 1 + s] (0 = off); spec_augment:
   # mel-axis warp + one frequency and two time masks on the training log-mels (data/audio.py).
+  # eval_split "voices": validation clips by voices held out of training (data.multimodal
+  # VAL_ACCENTS); choose recipes on it. extra_accents: comma-separated espeak voices added to the
+  # training accents (e.g. "pt,sv"; "" = none).
   c.data = ml_collections.ConfigDict(dict(train_per_class=200, test_per_class=50, seed=0,
                                           cache_dir="", eval_split="test", speed_perturb=0.1,
-                                          spec_augment=False))
+                                          spec_augment=False, extra_accents=""))
   # initializer_range 0.1 (not CLIP's 0.02, tuned for width 768): with 0.02 the contrastive
   # loss sat at chance (log 64) for ~30 steps and the gradient norm spiked to 100 on escape; with
   # 0.1 it fell earlier and stayed stable (60-step probe, docs/multimodal.md "Results").
@@ -99,7 +102,8 @@ def default_config() -> ml_collections.ConfigDict:
              initializer_range=0.1)
   c.model = ml_collections.ConfigDict(dict(
       text=dict(enc, max_position_embeddings=32), image=dict(enc, patch_size=2, image_size=8, pixel_mean=0.305, pixel_std=0.376),
-      audio=dict(enc, patch_frames=4, max_frames=100, audio_stem="patch"), shared_width=64, embed_dim=64,
+      audio=dict(enc, patch_frames=4, max_frames=100, audio_stem="patch", mel_norm="none"),
+      shared_width=64, embed_dim=64,
       pool_heads=4))
   return c
 
@@ -319,7 +323,8 @@ def load_data(c: ml_collections.ConfigDict, workdir: str):
   """(train, eval) DigitTri sets of a config (speech generated once, then cached)."""
   return D.load_digit_tri(workdir, c.data.get("seed", 0), c.data.train_per_class,
                           c.data.test_per_class, c.data.get("eval_split", "test"),
-                          c.data.get("cache_dir", "") or None)
+                          c.data.get("cache_dir", "") or None,
+                          tuple(filter(None, c.data.get("extra_accents", "").split(","))))
 
 
 def train(c: ml_collections.ConfigDict, workdir: str, progress: bool = True) -> dict:

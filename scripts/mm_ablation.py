@@ -118,7 +118,7 @@ def main(argv=None) -> int:
   p.add_argument("--out", default="runs/mm_ablation")
   p.add_argument("--seeds", default="0,1,2")
   p.add_argument("--epochs", type=int, default=20)
-  p.add_argument("--eval-split", default="test", choices=("test", "val"))
+  p.add_argument("--eval-split", default="test", choices=("test", "val", "voices"))
   p.add_argument("--arms", default="", help="comma-separated arm names (default: all)")
   p.add_argument("--shard", default="0/1", help="i/n: run every n-th run starting at i")
   p.add_argument("--override", action="append", default=[], help="extra config override k=v")

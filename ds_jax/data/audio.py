@@ -71,6 +71,25 @@ def log_mel(wave_BxS: jax.Array, n_fft: int = N_FFT, hop: int = HOP, n_mels: int
   return (logm + 4.0) / 4.0
 
 
+MEL_NORMS = ("none", "cmvn", "utt")
+
+
+def normalize_mel(mel_BxTxM: jax.Array, kind: str = "none", eps: float = 1e-5) -> jax.Array:
+  """Per-utterance normalisation of a log-mel [B, T, M]: "cmvn" subtracts each mel channel's mean
+  over time and divides by its standard deviation (cepstral mean / variance normalisation, which
+  removes a fixed spectral tilt: channel and part of the speaker's timbre); "utt" uses one mean and
+  standard deviation over the whole clip (removes gain and dynamic-range differences only)."""
+  if kind == "none":
+    return mel_BxTxM
+  if kind not in MEL_NORMS:
+    raise ValueError(f"mel_norm must be one of {', '.join(MEL_NORMS)}; got {kind!r}")
+  axes = (1,) if kind == "cmvn" else (1, 2)
+  x = jnp.asarray(mel_BxTxM, jnp.float32)
+  mean = jnp.mean(x, axis=axes, keepdims=True)
+  var = jnp.mean(jnp.square(x - mean), axis=axes, keepdims=True)
+  return (x - mean) * jax.lax.rsqrt(var + eps)
+
+
 SPEC_AUG_FIELDS = ("warp", "f_lo", "f_hi", "t1_lo", "t1_hi", "t2_lo", "t2_hi")
 
 

@@ -25,6 +25,11 @@ TEMPLATES = ("{w}", "{d}", "{w} ({d})", "the digit {w}", "the number {d}", "a ph
              "the spoken word {w}")
 TRAIN_ACCENTS = ("en", "en-us", "en-gb-x-rp", "en-gb-scotland", "en-gb-x-gbclan", "de", "fr", "es")
 TEST_ACCENTS = ("en-us-nyc", "en-029", "en-gb-x-gbcwmd", "nl", "it")
+# Validation *voices* (eval_split "voices"): two training accents and every 4th training variant
+# are held out of training and used only for validation clips, so a recipe can be chosen on
+# voices the model has not heard, without touching the test voices.
+VAL_ACCENTS = ("en-gb-scotland", "fr")
+SPLITS = ("train", "test", "val", "voices_train", "voices_val")  # index = the rng stream
 SPOKEN = ("{w}", "{w}", "{w}", "{w}.", "{w}!", "{w}?")
 CLIP_SAMPLES = A.SAMPLE_RATE  # 1 s at 16 kHz -> 100 log-mel frames
 
@@ -71,6 +76,24 @@ def split_variants() -> tuple[list[str], list[str]]:
   return [x for i, x in enumerate(v) if i % 4], [x for i, x in enumerate(v) if i % 4 == 0]
 
 
+def voice_pool(split: str, extra_accents: tuple = ()) -> tuple[tuple, list]:
+  """(accents, variants) a split's clips are drawn from. "train" / "val": the training pool
+  (+ extra_accents); "test": the held-out test pool; "voices_train": the training pool without
+  the validation voices (VAL_ACCENTS, every 4th training variant); "voices_val": those voices."""
+  if split not in SPLITS:
+    raise ValueError(f"split must be one of {', '.join(SPLITS)}; got {split!r}")
+  train_v, test_v = split_variants()
+  if split == "test":
+    return TEST_ACCENTS, test_v
+  if split == "voices_val":
+    return VAL_ACCENTS, train_v[::4]
+  accents = TRAIN_ACCENTS + tuple(a for a in extra_accents if a not in TRAIN_ACCENTS)
+  if split == "voices_train":
+    return tuple(a for a in accents if a not in VAL_ACCENTS), [
+        v for i, v in enumerate(train_v) if i % 4]
+  return accents, train_v
+
+
 def synthesize(text: str, voice: str, rate: int = 175, pitch: int = 50,
                pitch_range: int = 50) -> np.ndarray:
   """float32 waveform at 16 kHz of `text` spoken by espeak-ng voice `voice` (e.g. en-us+f3)."""
@@ -95,14 +118,11 @@ class SpeechSet:
   voices: list  # "accent+variant"
 
 
-def make_speech(split: str, per_class: int, seed: int) -> SpeechSet:
-  """`per_class` clips of each digit word, each by a random voice of the split's voice pool."""
-  train_v, test_v = split_variants()
-  if split not in ("train", "val", "test"):
-    raise ValueError(f"split must be train, val or test; got {split!r}")
-  # "val": new clips by the *training* voice pool (for tuning without touching test voices)
-  accents, variants = (TEST_ACCENTS, test_v) if split == "test" else (TRAIN_ACCENTS, train_v)
-  rng = np.random.default_rng([seed, {"train": 0, "test": 1, "val": 2}[split]])
+def make_speech(split: str, per_class: int, seed: int, extra_accents: tuple = ()) -> SpeechSet:
+  """`per_class` clips of each digit word, each by a random voice of the split's voice pool
+  (`voice_pool`; "val": new clips by the *training* voices)."""
+  accents, variants = voice_pool(split, extra_accents)
+  rng = np.random.default_rng([seed, SPLITS.index(split)])
   clips, labels, voices = [], [], []
   for label in range(10):
     for _ in range(per_class):
@@ -117,16 +137,21 @@ def make_speech(split: str, per_class: int, seed: int) -> SpeechSet:
 
 
 def cached_speech(workdir: str, split: str, per_class: int, seed: int,
-                  cache_dir: Optional[str] = None) -> SpeechSet:
+                  cache_dir: Optional[str] = None, extra_accents: tuple = ()) -> SpeechSet:
   """make_speech, cached as `<cache_dir or workdir/data_cache>/speech_<split>_<hash>.npz`."""
-  key = hashlib.sha1(f"{split}:{per_class}:{seed}:{TRAIN_ACCENTS}{TEST_ACCENTS}{SPOKEN}".encode())
+  tag = f"{split}:{per_class}:{seed}:{TRAIN_ACCENTS}{TEST_ACCENTS}{SPOKEN}"
+  if split.startswith("voices_"):
+    tag += f"{VAL_ACCENTS}"
+  if extra_accents and split in ("train", "val", "voices_train"):
+    tag += f"+{tuple(extra_accents)}"  # (keeps the hashes of the existing caches)
+  key = hashlib.sha1(tag.encode())
   path = os.path.join(cache_dir or os.path.join(workdir, "data_cache"),
                       f"speech_{split}_{key.hexdigest()[:10]}.npz")
   if os.path.exists(path):
     d = np.load(path)
     cuts = np.cumsum(d["lengths"])[:-1]
     return SpeechSet(list(np.split(d["audio"], cuts)), d["labels"], list(d["voices"]))
-  s = make_speech(split, per_class, seed)
+  s = make_speech(split, per_class, seed, extra_accents)
   os.makedirs(os.path.dirname(path), exist_ok=True)
   tmp = path + ".tmp.npz"
   np.savez(tmp, audio=np.concatenate(s.clips), lengths=np.asarray([len(c) for c in s.clips]),
@@ -165,18 +190,26 @@ class DigitTri:
 
 def load_digit_tri(workdir: str, seed: int = 0, train_per_class: int = 200,
                    test_per_class: int = 50, eval_split: str = "test",
-                   cache_dir: Optional[str] = None) -> tuple[DigitTri, DigitTri]:
+                   cache_dir: Optional[str] = None,
+                   extra_accents: tuple = ()) -> tuple[DigitTri, DigitTri]:
   """(train, eval) sets. eval_split "test": the 450 test images and held-out voices; "val": 20%
-  of the training images (stratified, held out of training) and new clips by training voices."""
+  of the training images (stratified, held out of training) and new clips by training voices;
+  "voices": the same images as "val", training clips without the validation voices and eval
+  clips by those voices only (VAL_ACCENTS x every 4th training variant): unseen voices."""
   t0 = time.time()
   xtr, ytr, xte, yte = digit_images()
-  if eval_split == "val":
+  if eval_split in ("val", "voices"):
     from sklearn.model_selection import train_test_split
     xtr, xte, ytr, yte = train_test_split(xtr, ytr, test_size=0.2, random_state=1, stratify=ytr)
   elif eval_split != "test":
-    raise ValueError(f"eval_split must be test or val; got {eval_split!r}")
-  train = DigitTri(xtr, ytr, cached_speech(workdir, "train", train_per_class, seed, cache_dir))
-  test = DigitTri(xte, yte, cached_speech(workdir, eval_split, test_per_class, seed, cache_dir))
+    raise ValueError(f"eval_split must be test, val or voices; got {eval_split!r}")
+  tr_split, ev_split = ("voices_train", "voices_val") if eval_split == "voices" else (
+      "train", eval_split)
+  extra = tuple(extra_accents)
+  train = DigitTri(xtr, ytr, cached_speech(workdir, tr_split, train_per_class, seed, cache_dir,
+                                           extra))
+  test = DigitTri(xte, yte, cached_speech(workdir, ev_split, test_per_class, seed, cache_dir,
+                                          extra))
   load_digit_tri.seconds = time.time() - t0
   return train, test
 

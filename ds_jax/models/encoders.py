@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ds_jax.data.audio import normalize_mel
 from ds_jax.nn.linear import Linear
 
 NEG_INF = -1e30
@@ -53,6 +54,9 @@ class EncoderConfig:
   # over time (kernel 3, GELU): one stride-1 conv, then log2(patch_frames) stride-2 convs
   # (patch_frames must be a power of two), so both stems give ceil(T / patch_frames) tokens.
   audio_stem: str = "patch"
+  # Per-utterance normalisation of the log-mel before the stem (data.audio.normalize_mel):
+  # "none" | "cmvn" (per mel channel over time) | "utt" (one mean / std per clip).
+  mel_norm: str = "none"
 
   def replace(self, **kw: Any) -> "EncoderConfig":
     return dataclasses.replace(self, **kw)
@@ -204,6 +208,7 @@ class AudioEncoder(nn.Module):
     dtype = jnp.dtype(c.dtype)
     b, t, m = mel_BxTxM.shape
     p = c.patch_frames
+    mel_BxTxM = normalize_mel(mel_BxTxM, c.mel_norm)
     if c.audio_stem == "conv":
       if p & (p - 1):
         raise ValueError(f"audio_stem='conv' needs a power-of-two patch_frames; got {p}")
