@@ -80,3 +80,23 @@ def test_speed_perturb_changes_duration_and_pitch():
   f = np.argmax(spec) * sr / len(y[500:-500])
   assert abs(f - 240) < 5  # 200 Hz played 1.2x faster
   np.testing.assert_array_equal(audio.speed_perturb(x, 1.0), x)
+
+
+def test_normalize_mel_matches_numpy():
+  x = np.random.default_rng(0).normal(size=(3, 100, 80)).astype(np.float32) * 2 + 1.5
+  x[1] *= np.linspace(0.2, 3.0, 80)  # per-channel scales: cmvn and utt differ
+  np.testing.assert_array_equal(audio.normalize_mel(x, "none"), x)
+  for kind, axes in (("cmvn", (1,)), ("utt", (1, 2))):
+    want = (x - x.mean(axis=axes, keepdims=True)) / np.sqrt(x.var(axis=axes, keepdims=True) + 1e-5)
+    got = np.asarray(audio.normalize_mel(x, kind))
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    # invariant to a per-clip gain in dB (a constant shift of the log-mel) and to the scale
+    np.testing.assert_allclose(audio.normalize_mel(3.0 * x - 0.7, kind), got, atol=1e-4)
+  # cmvn also removes a fixed per-channel offset (a channel's spectral tilt); utt does not
+  tilt = np.linspace(-1, 1, 80, dtype=np.float32)
+  np.testing.assert_allclose(audio.normalize_mel(x + tilt, "cmvn"), audio.normalize_mel(x, "cmvn"),
+                             atol=1e-4)
+  assert np.abs(np.asarray(audio.normalize_mel(x + tilt, "utt")
+                           - audio.normalize_mel(x, "utt"))).max() > 1e-2
+  with pytest.raises(ValueError):
+    audio.normalize_mel(x, "bogus")

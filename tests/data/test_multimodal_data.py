@@ -30,6 +30,41 @@ def test_voices_disjoint_and_synthesis_deterministic():
     D.synthesize("one", "no-such-voice")
 
 
+def test_validation_voices_are_held_out_of_training_and_test():
+  train_v, test_v = D.split_variants()
+  tr_a, tr_v = D.voice_pool("voices_train", ("pt",))
+  va_a, va_v = D.voice_pool("voices_val", ("pt",))
+  te_a, te_v = D.voice_pool("test")
+  assert set(D.VAL_ACCENTS) <= set(D.TRAIN_ACCENTS)  # carved out of the training pool
+  for (a1, v1), (a2, v2) in ((( tr_a, tr_v), (va_a, va_v)), ((tr_a, tr_v), (te_a, te_v)),
+                             ((va_a, va_v), (te_a, te_v))):
+    assert not set(a1) & set(a2) and not set(v1) & set(v2)
+  assert sorted(tr_v + va_v) == sorted(train_v) and len(va_v) == len(train_v[::4])
+  assert "pt" in tr_a and "pt" in D.voice_pool("train", ("pt",))[0] and "pt" not in va_a
+  assert D.voice_pool("train") == (D.TRAIN_ACCENTS, train_v) == D.voice_pool("val")
+  s = D.make_speech("voices_val", 1, seed=0)
+  assert all(v.split("+")[0] in va_a and v.split("+")[1] in va_v for v in s.voices)
+  with pytest.raises(ValueError):
+    D.voice_pool("bogus")
+
+
+def test_cache_keys_of_existing_splits_unchanged(tmp_path, monkeypatch):
+  """Round-2 caches (train / test / val) keep their file names; extra accents get a new one."""
+  made = []
+  monkeypatch.setattr(D, "make_speech", lambda *a: made.append(a) or D.SpeechSet(
+      [np.zeros(4, np.float32)], np.zeros(1, np.int32), ["en+x"]))
+  for split in ("train", "test", "val"):
+    D.cached_speech(str(tmp_path), split, 1, 0)
+  D.cached_speech(str(tmp_path), "train", 1, 0, extra_accents=("pt",))
+  D.cached_speech(str(tmp_path), "test", 1, 0, extra_accents=("pt",))  # test ignores extras
+  import hashlib
+  names = sorted(os.listdir(tmp_path / "data_cache"))
+  for split in ("train", "test", "val"):
+    key = hashlib.sha1(f"{split}:1:0:{D.TRAIN_ACCENTS}{D.TEST_ACCENTS}{D.SPOKEN}".encode())
+    assert f"speech_{split}_{key.hexdigest()[:10]}.npz" in names
+  assert len(names) == 4 and len(made) == 4
+
+
 def test_cache_roundtrip_and_image_split(tmp_path):
   s = D.cached_speech(str(tmp_path), "train", 1, seed=0)
   files = os.listdir(tmp_path / "data_cache")

@@ -104,3 +104,16 @@ def test_audio_conv_stem_and_pixel_normalisation():
   normed = E.ViT(TINY.replace(patch_size=2, pixel_mean=0.3, pixel_std=0.4))
   np.testing.assert_allclose(normed.apply({"params": vp}, img)[0],
                              vit.apply({"params": vp}, (img - 0.3) / 0.4)[0], atol=1e-5)
+
+
+def test_audio_encoder_mel_norm_is_applied_before_the_stem():
+  from ds_jax.data.audio import normalize_mel
+  mel = jax.random.normal(jax.random.key(0), (2, 100, 80)) + jnp.linspace(-2, 2, 80)
+  plain = E.AudioEncoder(TINY.replace(patch_frames=4, max_frames=100))
+  params = E.nn.unbox(plain.init(jax.random.key(1), mel)["params"])
+  normed = E.AudioEncoder(TINY.replace(patch_frames=4, max_frames=100, mel_norm="cmvn"))
+  got, _ = normed.apply({"params": params}, mel)  # same parameters: normalisation has none
+  np.testing.assert_allclose(got, plain.apply({"params": params}, normalize_mel(mel, "cmvn"))[0],
+                             atol=1e-5)
+  # and a gain change (constant shift of the log-mel) no longer changes the tokens
+  np.testing.assert_allclose(normed.apply({"params": params}, mel + 0.5)[0], got, atol=1e-4)
