@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -147,14 +147,30 @@ def plot(e: dict, raw: dict, out_dir: str) -> list[str]:
 # Folder-per-class zero-shot: `ds-jax zero-shot --workdir W --modality audio --data-dir DIR`.
 
 
-def label_prompts(name: str) -> list[str]:
-  """Prompts for a class folder: the digit templates for "7" / "seven", else templates on name."""
+def folder_digit(name: str) -> Optional[int]:
+  """The digit a class folder names ("7" or "seven"), else None."""
   key = name.strip().lower()
   if key.isdigit() and int(key) < 10:
-    return D.class_texts(int(key))
-  if key in D.WORDS:
-    return D.class_texts(D.WORDS.index(key))
+    return int(key)
+  return D.WORDS.index(key) if key in D.WORDS else None
+
+
+def label_prompts(name: str) -> list[str]:
+  """Prompts for a class folder: the digit templates for "7" / "seven", else templates on name."""
+  d = folder_digit(name)
+  if d is not None:
+    return D.class_texts(d)
+  key = name.strip().lower()
   return [t.format(w=key, d=key) for t in D.TEMPLATES]
+
+
+def same_prompt_folders(classes: Sequence[str]) -> list[list[str]]:
+  """Groups of class folders that get the same prompts ("3" and "three"): indistinguishable."""
+  groups: dict = {}
+  for c in classes:
+    d = folder_digit(c)
+    groups.setdefault(d if d is not None else c.strip().lower(), []).append(c)
+  return [g for g in groups.values() if len(g) > 1]
 
 
 def load_image(path: str, size: int) -> np.ndarray:
@@ -212,6 +228,7 @@ def zero_shot_folder(cfg: mm.MultimodalConfig, params: Any, modality: str, data_
   correct = sum(r["correct"] for r in per_file)
   return {"modality": modality, "classes": classes, "num_files": len(per_file),
           "accuracy": correct / len(per_file) if per_file else None,
+          "same_prompt_folders": same_prompt_folders(classes),
           "unreadable": unreadable, "files": per_file}
 
 
@@ -239,6 +256,8 @@ def zero_shot_cli(argv: Sequence[str]) -> int:
     json.dump(res, f, indent=1)
   for u in res["unreadable"]:
     print(f"skipped unreadable {u['file']}: {u['error']}")
+  for g in res["same_prompt_folders"]:
+    print(f"warning: folders {', '.join(g)} get the same text prompts (one class, split in two)")
   acc = res["accuracy"]
   print(f"{a.modality} zero-shot over {res['num_files']} files in {len(res['classes'])} classes: "
         f"accuracy {'n/a' if acc is None else f'{acc:.4f}'}; per-file results in {out}")

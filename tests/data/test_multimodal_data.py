@@ -149,3 +149,12 @@ def test_batches_speed_perturb_and_spec_augment_parameters():
   no_aug = {k: v for k, v in b.items() if k != "mel_aug"}
   np.testing.assert_allclose(T.model_inputs(ident)["audio"], T.model_inputs(no_aug)["audio"])
   assert float(np.abs(T.model_inputs(b)["audio"] - T.model_inputs(no_aug)["audio"]).max()) > 0
+
+
+def test_folders_with_the_same_prompts_are_flagged():
+  from ds_jax import multimodal_eval as E
+  assert E.folder_digit("3") == E.folder_digit(" Three ") == 3 and E.folder_digit("cat") is None
+  assert E.label_prompts("three") == E.label_prompts("3") == D.class_texts(3)
+  assert E.same_prompt_folders(["3", "cat", "seven", "three", "Cat"]) == [["3", "three"],
+                                                                           ["cat", "Cat"]]
+  assert E.same_prompt_folders(["0", "one", "2"]) == []
