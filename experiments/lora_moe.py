@@ -16,6 +16,11 @@ Arguments (`get_config("pretrain")`, `"adapt"`, `"adapt,smoke"`, ...):
 The held-out domain is split by `scripts/lora_sweep.py` into train / dev (learning-rate choice)
 / test (reported) pieces; `config.data` here is what `ds-jax train` would use (train / test).
 
+Protocols (docs/lora.md): A (rounds 1-2) pre-trains `c.steps` = 400 steps (1.6 epochs; the
+base is still far from converged); B (round 3) the same for 1,500 steps
+(`scripts/lora_sweep.py --pretrain-steps 1500`, cosine over all of them), the setting LoRA is
+normally used in (a well-trained base). Everything else is shared.
+
 Commands (the sweep driver runs all phases, seeds and variants):
   python scripts/lora_sweep.py --out runs/lora_sweep --seeds 0,1,2
   python scripts/lora_sweep.py --out /tmp/lora_smoke --smoke

@@ -53,6 +53,8 @@ from ds_jax.train import LMTask, TrainState, eval_step, train_step
 # q_proj (or q_b_proj with q_lora_rank > 0), so "qv" = q_proj, q_b_proj, kv_b_proj.
 NORMS = r"(.*/)?[a-z_]*norm/scale"  # RMSNorm gains (1,280 parameters)
 ROUTER = r".*/mlp/gate/kernel"  # the MoE routers (12,288 parameters)
+EXPERT_GU = r".*/mlp/experts/(gate|up)_proj"  # routed experts' input projections
+EXPERT_DOWN = r".*/mlp/experts/down_proj"
 TARGETS = {
     "qv": dict(target_modules=["q_proj", "q_b_proj", "kv_b_proj"]),
     "all-but-experts": dict(target_modules=["all-linear"], exclude_modules=["experts"]),
@@ -87,11 +89,36 @@ TARGETS = {
     "attn+experts-shared-rankgain+router+norms": dict(
         target_modules=["self_attn", "experts"], expert_mode="shared", expert_scale="rank",
         train_also=f"{NORMS}|{ROUTER}"),
+    # Round 3 (hypotheses 2, 3 of the brief). Tied routed-expert A, B plus DoRA's magnitude,
+    # which stays per expert: m_e [E, F] per weight, W'_e = m_e·(W_e + sAB)/||W_e + sAB||_col —
+    # per-expert output-feature gains (E·F parameters per weight, 49,152 on the 3 MoE layers).
+    "experts-shared-dora": dict(target_modules=["experts"], expert_mode="shared", use_dora=True),
+    # Attention LoRA + tied routed A, B, with the per-expert DoRA magnitude only on down_proj
+    # (E·128 per layer, 12,288): three LoraConfigs in one adapter (`parts`).
+    "attn+experts-shared-dora-down": dict(parts=[
+        dict(target_modules=["self_attn"]),
+        dict(target_modules=[EXPERT_GU], expert_mode="shared"),
+        dict(target_modules=[EXPERT_DOWN], expert_mode="shared", use_dora=True)]),
+    # (3) the output layer too: LoRA on lm_head (r·(128 + 259) = 3,096 parameters).
+    "all-but-experts+lm_head": dict(target_modules=["all-linear", "lm_head"],
+                                    exclude_modules=["experts"]),
+    # The earlier best <= 1% variant plus lm_head, fitted under 1% by leaving out
+    # kv_a_proj_with_mqa (the KV latent is adapted downstream by kv_b_proj): 73,016 (0.94%).
+    "all-but-dense-mlp-kv_a+experts-shared+lm_head": dict(
+        target_modules=["all-linear", "lm_head"],
+        exclude_modules=["layers_0/block/mlp/.*", "kv_a_proj_with_mqa"],
+        expert_mode="shared", expert_scale="expert"),
+    "attn+experts-shared-dora-down+lm_head": dict(parts=[
+        dict(target_modules=["self_attn", "lm_head"]),
+        dict(target_modules=[EXPERT_GU], expert_mode="shared"),
+        dict(target_modules=[EXPERT_DOWN], expert_mode="shared", use_dora=True)]),
 }
 MAIN_TARGET = "all-but-experts"
 SHORT = {"qv": "q,v", "all-but-experts": "all but\nrouted", "all-linear": "all-linear",
          "experts": "routed,\nper expert", "experts-shared": "routed,\ntied A,B",
-         "all-but-dense-mlp+experts-shared": "all but dense\nMLP; routed tied"}
+         "all-but-dense-mlp+experts-shared": "all but dense\nMLP; routed tied",
+         "all-but-experts+lm_head": "all but\nrouted\n+lm_head",
+         "all-but-dense-mlp-kv_a+experts-shared+lm_head": "routed tied\n+lm_head\n(headline)"}
 SPLIT_SEED = 20240501
 PIECE = 1024
 FULL_LRS = (3e-4, 1e-3, 3e-3)
@@ -197,8 +224,10 @@ def combine_also(trainable: dict, frozen: Any) -> Any:
 
 
 def train(cfg, task: LMTask, trainable: Any, frozen: Any, data, seed: int, key,
-          b_ratio: float = 1.0) -> tuple:
-  """cfg.steps AdamW steps on `trainable`; the jitted step is cached by `key` (not the seed)."""
+          b_ratio: float = 1.0, probe=None, probe_every: int = 0) -> tuple:
+  """cfg.steps AdamW steps on `trainable`; the jitted step is cached by `key` (not the seed).
+  With `probe_every`, `probe(state)` (e.g. a validation loss) is recorded every that many steps
+  and returned as a fourth element [(step, value), ...]."""
   tx = lora_plus(make_optimizer(cfg.optimizer, cfg.steps, trainable), trainable, b_ratio)
   if key not in _STEPS:
     _STEPS[key] = jax.jit(lambda st, b, rng: train_step(
@@ -210,12 +239,17 @@ def train(cfg, task: LMTask, trainable: Any, frozen: Any, data, seed: int, key,
                      skipped=jnp.zeros((), jnp.int32))
   rng = jax.random.fold_in(jax.random.key(seed), 1)
   t0 = time.perf_counter()
-  losses = []
+  losses, probes = [], []
   for s in range(cfg.steps):
     state, metrics = step(state, data.batch(s), rng)
     if (s + 1) % cfg.log_every == 0 or s + 1 == cfg.steps:
       losses.append(float(metrics["loss"]))
+    if probe_every and ((s + 1) % probe_every == 0 or s + 1 == cfg.steps):
+      probes.append((s + 1, probe(state)))
+      print(f"step {s + 1}: probe {probes[-1][1]:.4f}", flush=True)
   jax.block_until_ready(state.params)
+  if probe_every:
+    return state, time.perf_counter() - t0, losses, probes
   return state, time.perf_counter() - t0, losses
 
 
@@ -226,18 +260,41 @@ def pretrain(args, seed: int):
       return jax.tree.map(jnp.asarray, pickle.load(f)), None
   cfg, _ = load_experiment("pretrain" + args.sfx)
   cfg.seed = seed
+  if args.pretrain_steps:  # the protocol of --out: every seed of one --out uses the same value
+    cfg.steps = args.pretrain_steps
   mc = model_config(cfg.model)
   task = LMTask(cfg, mc)
   params = lm.init(mc, jax.random.key(seed))
-  state, secs, losses = train(cfg, task, params, {}, TextData(cfg), seed, ("pretrain",))
   ev = jax.jit(functools.partial(eval_step, task=task))
-  val = mean_nll(ev, state, TextData(cfg).val)
+  val_data = TextData(cfg).val
+  state, secs, losses, curve = train(cfg, task, params, {}, TextData(cfg), seed, ("pretrain",),
+                                     probe=lambda st: mean_nll(ev, st, val_data),
+                                     probe_every=args.pretrain_eval_every or cfg.steps)
+  val = curve[-1][1]
   with open(path, "wb") as f:
     pickle.dump(jax.tree.map(np.asarray, state.params), f)
   row = {"phase": "pretrain", "run": "pretrain", "seed": seed, "steps": cfg.steps,
-         "other_topics_val": val, "train_losses": losses, "train_seconds": secs,
-         "params": lora.count_params(state.params)["base"]}
+         "other_topics_val": val, "val_curve": curve, "train_losses": losses,
+         "train_seconds": secs, "params": lora.count_params(state.params)["base"]}
   return state.params, row
+
+
+def adapter_partition(base: Any, lora_section, lc: dict, seed: int) -> tuple[dict, Any]:
+  """Add the variant's adapter and split (trainable, frozen). A variant with `parts` is one
+  adapter made of several LoraConfigs on disjoint weights (e.g. DoRA only on some), added
+  one after another under the same name; part i draws its A from rng fold_in(seed key, 7 + i)
+  (a single-part variant: exactly `lora_train_partition` with rng 7)."""
+  params = base
+  for i, part in enumerate(lc.get("parts") or [lc]):
+    lcfg = lora.LoraConfig(
+        r=lc["r"], lora_alpha=2.0 * lc["r"], target_modules=part["target_modules"],
+        exclude_modules=part.get("exclude_modules", ()),
+        expert_mode=part.get("expert_mode", "per_expert"),
+        expert_scale=part.get("expert_scale", "none"), init=part.get("init", "gaussian"),
+        use_dora=part.get("use_dora", False), lora_dropout=float(lora_section.dropout))
+    params = lora.add_adapter(params, lora_section.adapter_name, lcfg,
+                              jax.random.fold_in(jax.random.key(seed), 7 + i))
+  return lora.split_trainable(params)
 
 
 def variant_list(args) -> list[tuple[str, Optional[dict], float]]:
@@ -302,6 +359,13 @@ def main(argv=None) -> int:
                  "tune phase in <out>/results.jsonl")
   p.add_argument("--lora-lr", default="auto", help="as --full-lr, for LoRA (all variants)")
   p.add_argument("--steps", type=int, default=0, help="override adaptation steps")
+  p.add_argument("--pretrain-steps", type=int, default=0,
+                 help="override pre-training steps (default: experiments/lora_moe.py's 400); "
+                 "the cosine schedule spans them. Use one --out per value: bases are cached "
+                 "there by seed only")
+  p.add_argument("--pretrain-eval-every", type=int, default=0,
+                 help="also record the other topics' validation loss every N pre-training "
+                 "steps (val_curve in the pretrain row)")
   p.add_argument("--smoke", action="store_true")
   p.add_argument("--table", default="", help="print the table of this results.jsonl and exit")
   p.add_argument("--plot", default="", help="with --table: also draw the sweep into this png")
@@ -366,14 +430,8 @@ def main(argv=None) -> int:
       cfg.optimizer.learning_rate = lr
       vtask = LMTask(cfg, mc)
       if lc is not None:
-        cfg.lora.update(dict(enabled=True, r=lc["r"], lora_alpha=2.0 * lc["r"],
-                             target_modules=lc["target_modules"],
-                             exclude_modules=lc.get("exclude_modules", []),
-                             expert_mode=lc.get("expert_mode", "per_expert"),
-                             expert_scale=lc.get("expert_scale", "none"),
-                             init=lc.get("init", "gaussian")))
-        trainable, frozen = lora.lora_train_partition(base, cfg.lora,
-                                                      jax.random.fold_in(jax.random.key(seed), 7))
+        cfg.lora.update(dict(enabled=True, r=lc["r"], lora_alpha=2.0 * lc["r"]))
+        trainable, frozen = adapter_partition(base, cfg.lora, lc, seed)
         vtask.combine = lora.combine
         if lc.get("train_also"):
           trainable, frozen = train_also(trainable, frozen, lc["train_also"])
@@ -497,7 +555,9 @@ def plot(rows: list[dict], path: str) -> None:
   h, l = a2.get_legend_handles_labels()
   a2.legend([h[l.index(x)] for x in dict.fromkeys(l)], list(dict.fromkeys(l)), fontsize=6,
             loc="upper left")
-  fig.suptitle(f"LoRA vs full fine-tuning on held-out pydoc topics, seeds {sorted(full)}",
+  pre = sorted({r["steps"] for r in rows if r.get("phase") == "pretrain"})
+  fig.suptitle(f"LoRA vs full fine-tuning on held-out pydoc topics, seeds {sorted(full)}"
+               + (f", bases pre-trained {'/'.join(map(str, pre))} steps" if pre else ""),
                fontsize=9)
   fig.tight_layout()
   fig.savefig(path, dpi=110)

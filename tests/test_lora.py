@@ -443,6 +443,17 @@ def test_lora_sweep_split_and_trainable_fraction():
       shapes)
   assert sum(x.size for x in jax.tree.leaves(trainable)) == 3 * 3 * (8 * (128 + 192) + 32)
   assert trainable["layers_1"]["block"]["mlp"]["experts"]["up_proj"]["lora_a"].shape == (3, 128, 8)
+  # Round-3 variants (docs/lora.md): the counts in the docs, all <= 1%; `parts` adds one adapter
+  # made of several configs (DoRA's per-expert magnitude only on down_proj).
+  lc = cfg.lora
+  counts = {t: sum(x.size for x in jax.tree.leaves(jax.eval_shape(
+      lambda p: s.adapter_partition(p, lc, dict(r=8, **s.TARGETS[t]), 0)[0], shapes)))
+      for t in ("experts-shared-dora", "attn+experts-shared-dora-down",
+                "all-but-experts+lm_head")}
+  assert counts == {"experts-shared-dora": 3 * 3 * 8 * (128 + 192) + 3 * 32 * (192 + 192 + 128),
+                    "attn+experts-shared-dora-down": 64_512,
+                    "all-but-experts+lm_head": 67_584 + 8 * (128 + 259)}
+  assert max(counts.values()) / n_total <= 0.01
 
 
 def test_shared_expert_adapter():
@@ -516,6 +527,55 @@ def test_shared_expert_adapter():
     lora.LoraConfig(expert_mode="tied")
   with pytest.raises(ValueError, match="expert_scale"):
     lora.LoraConfig(expert_scale="expert")  # needs expert_mode="shared"
+
+
+def test_shared_expert_dora_in_parts():
+  """Tied expert A, B with DoRA: the magnitude stays per expert (E·F trainable per weight) and
+  every expert computes x·m_e·(W_e + sAB)/||W_e + sAB||_col; an adapter added in two parts
+  (different LoraConfigs on disjoint weights, as the sweep's `parts`) saves each kernel's own
+  config and loads back bit-exactly."""
+  import tempfile
+  rng = np.random.default_rng(7)
+  s_, e_, d, f, r = 2, 3, 4, 5, 2
+  w = rng.normal(size=(s_, e_, d, f)).astype(np.float32)
+  wo = rng.normal(size=(s_, d, f)).astype(np.float32)
+  params = {"layers_1": {"mlp": {"experts": {"down_proj": jnp.asarray(w)},
+                                 "o_proj": {"kernel": jnp.asarray(wo)}}}}
+  p = lora.add_adapter(params, "a", lora.LoraConfig(
+      target_modules=["experts"], r=r, lora_alpha=4, expert_mode="shared", use_dora=True),
+      jax.random.key(0))
+  p = lora.add_adapter(p, "a", lora.LoraConfig(target_modules=["o_proj"], r=r, lora_alpha=4),
+                       jax.random.key(1))
+  x = jnp.asarray(rng.normal(size=(e_, 6, d)), jnp.float32)
+  k0 = jax.tree.map(lambda v: v[0], p["layers_1"]["mlp"]["experts"]["down_proj"])
+  np.testing.assert_allclose(k0.einsum("ecd,edf->ecf", x, dtype=jnp.float32),
+                             jnp.einsum("ecd,edf->ecf", x, w[0]), rtol=1e-5, atol=1e-5)
+  t, fr = lora.split_trainable(p)
+  te = t["layers_1"]["mlp"]["experts"]["down_proj"]
+  assert te["lora_a"].shape == (s_, d, r) and te["magnitude"].shape == (s_, e_, f)
+  assert lora.count_params(p)["trainable"] == 2 * s_ * r * (d + f) + s_ * e_ * f
+  t = _noise(t, jax.random.key(2), 0.5)
+  p2 = lora.combine(t, fr)
+  a, b, m = (np.asarray(t["layers_1"]["mlp"]["experts"]["down_proj"][n])
+             for n in ("lora_a", "lora_b", "magnitude"))
+  k2 = p2["layers_1"]["mlp"]["experts"]["down_proj"]
+  for s in range(s_):
+    ks = jax.tree.map(lambda v: v[s], k2)
+    y1 = np.asarray(ks.einsum("ecd,edf->ecf", x, dtype=jnp.float32))
+    y2 = np.asarray(ks.einsum("nd,edf->enf", x[0], dtype=jnp.float32))
+    for e in range(e_):
+      wc = w[s, e] + 2.0 * a[s] @ b[s]  # scale = alpha / r = 2
+      we = m[s, e] * wc / np.linalg.norm(wc, axis=0)
+      np.testing.assert_allclose(y1[e], np.asarray(x[e]) @ we, rtol=1e-4, atol=1e-4)
+      np.testing.assert_allclose(y2[e], np.asarray(x[0]) @ we, rtol=1e-4, atol=1e-4)
+  with tempfile.TemporaryDirectory() as tmp:
+    lora.save_adapter(tmp, p2, "a")
+    q = lora.load_adapter(tmp, params)
+  ko = q["layers_1"]["mlp"]["o_proj"]["kernel"]
+  assert not ko.config("a").use_dora and ko.config("a").expert_mode == "per_expert"
+  assert q["layers_1"]["mlp"]["experts"]["down_proj"].config("a").use_dora
+  for u, v in zip(jax.tree.leaves(q), jax.tree.leaves(p2)):
+    np.testing.assert_array_equal(u, v)
 
 
 @pytest.mark.slow

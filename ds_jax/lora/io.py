@@ -1,7 +1,8 @@
 """Adapter-only checkpoints: `<dir>/adapter_model.safetensors` + `<dir>/adapter_config.json`.
 
 Tensor names are `<param path>.<lora_a|lora_b|magnitude|expert_scale>` in ds_jax's layout (A [.., D, r],
-B [.., r, *O]); the JSON holds the PEFT-named LoraConfig plus each kernel's layout, so loading
+B [.., r, *O]); the JSON holds the PEFT-named LoraConfig plus each kernel's layout (and that kernel's own
+LoraConfig where it differs: one adapter added in parts with different settings), so loading
 needs only the base parameters. A shared expert adapter (expert_mode="shared") is stored once
 per weight (A [.., D, r] without the expert axis) and broadcast to every expert on loading.
 """
@@ -32,15 +33,19 @@ def save_adapter(path: str, params: Any, name: str) -> dict[str, int]:
   for p, k in lora_kernels(params).items():
     if name not in k.adapters:
       continue
-    cfg = k.config(name)
+    cfg = cfg or k.config(name)
     kn = k.replace(active=name)
     for key, a in k.adapters[name].items():
       if key in TRAINABLE_KEYS:  # a shared expert adapter: one copy of A, B
         tensors[f"{p}.{key}"] = np.asarray(kn.share(key, a), np.float32)
     layout[p] = {"n_batch": k.n_batch, "n_out": k.n_out, "base_shape": list(k.shape)}
+    if k.config(name) != cfg:  # one adapter made of several LoraConfigs (add_adapter per part)
+      layout[p]["config"] = k.config(name).to_dict()
   if cfg is None:
     raise KeyError(f"no adapter {name!r} in params")
-  if cfg.init == "pissa":
+  inits = {LoraConfig.from_dict(lay["config"]).init if "config" in lay else cfg.init
+           for lay in layout.values()}
+  if "pissa" in inits:
     raise ValueError("a PiSSA adapter changed its base (residual); save the merged model "
                      "with merge_and_unload() instead")
   os.makedirs(path, exist_ok=True)
@@ -67,6 +72,7 @@ def load_adapter(path: str, params: Any, name: Optional[str] = None,
       return leaf
     seen.add(p)
     lay = layout[p]
+    kcfg = LoraConfig.from_dict(lay["config"]) if "config" in lay else cfg
     k = leaf if isinstance(leaf, LoraKernel) else None
     base = k.base if k is not None else leaf
     if list(kernel_shape(base)) != lay["base_shape"]:
@@ -75,12 +81,12 @@ def load_adapter(path: str, params: Any, name: Optional[str] = None,
     ad = {key: jnp.asarray(tensors[f"{p}.{key}"]) for key in TRAINABLE_KEYS
           if f"{p}.{key}" in tensors}
     if k is None:
-      new = LoraKernel(base=base, adapters={name: ad}, configs=((name, cfg),),
+      new = LoraKernel(base=base, adapters={name: ad}, configs=((name, kcfg),),
                        n_batch=lay["n_batch"], n_out=lay["n_out"])
     elif name in k.adapters:
       raise ValueError(f"adapter {name!r} already exists at {p}")
     else:
-      new = k.replace(adapters={**k.adapters, name: ad}, configs=k.configs + ((name, cfg),))
+      new = k.replace(adapters={**k.adapters, name: ad}, configs=k.configs + ((name, kcfg),))
     tmp = new.replace(active=name)  # broadcast a shared expert adapter's A, B to every expert
     ad = {key: tmp.unshare(key, v) for key, v in ad.items()}
     return new.replace(adapters={**new.adapters, name: ad})
