@@ -10,7 +10,8 @@ Every run is `experiments/mm_digits.py:<arm>` with `seed=<s>`, in `<out>/<arm>/s
 share one generated data set (`data.seed = 0`, cached in `<out>/data_cache`), so seeds vary the
 initialisation, batch order, pairing and augmentation only. Runs with an `eval.json` are skipped,
 so the script resumes. Runs of one arm share one compiled train step (same process). Metrics are
-on the held-out test voices / test images unless `--eval-split val`.
+on the held-out test voices / test images unless `--eval-split val` (training voices) or
+`--eval-split voices` (validation voices held out of training: choose recipes on this one).
 """
 
 from __future__ import annotations
