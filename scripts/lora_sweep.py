@@ -108,6 +108,11 @@ TARGETS = {
         target_modules=["all-linear", "lm_head"],
         exclude_modules=["layers_0/block/mlp/.*", "kv_a_proj_with_mqa"],
         expert_mode="shared", expert_scale="expert"),
+    # lm_head trained fully (PEFT's modules_to_save; 33,152) next to LoRA on q_proj / o_proj
+    # and the tied routed-expert adapter: 72,864 (0.94%).
+    "qo+experts-shared+lm_head-full": dict(target_modules=["q_proj", "o_proj", "experts"],
+                                           expert_mode="shared", expert_scale="expert",
+                                           train_also=r"lm_head/kernel"),
     "attn+experts-shared-dora-down+lm_head": dict(parts=[
         dict(target_modules=["self_attn", "lm_head"]),
         dict(target_modules=[EXPERT_GU], expert_mode="shared"),
@@ -118,7 +123,7 @@ SHORT = {"qv": "q,v", "all-but-experts": "all but\nrouted", "all-linear": "all-l
          "experts": "routed,\nper expert", "experts-shared": "routed,\ntied A,B",
          "all-but-dense-mlp+experts-shared": "all but dense\nMLP; routed tied",
          "all-but-experts+lm_head": "all but\nrouted\n+lm_head",
-         "all-but-dense-mlp-kv_a+experts-shared+lm_head": "routed tied\n+lm_head\n(headline)"}
+         "all-but-dense-mlp-kv_a+experts-shared+lm_head": "all but dense\nMLP, kv_a;\nrouted tied\n+lm_head"}
 SPLIT_SEED = 20240501
 PIECE = 1024
 FULL_LRS = (3e-4, 1e-3, 3e-3)
