@@ -175,6 +175,18 @@ class AdaptData:
     return self.train.train_batch(self.seed, step, self.batch_size)
 
 
+GENERIC = "full (other topics' data)"
+
+
+def generic_data(cfg, sfx: str) -> TextData:
+  """Control for the under-trained-base question: the pre-training topics' train split at the
+  fine-tune's batch size, seq_len and seed (full FT on it shows how much of the held-out
+  improvement is generic language modelling rather than the domain)."""
+  pcfg, _ = load_experiment("pretrain" + sfx)
+  pcfg.seed, pcfg.batch_size, pcfg.seq_len = cfg.seed, cfg.batch_size, cfg.seq_len
+  return TextData(pcfg)
+
+
 def all_windows(pt: PackedText, batch: int = EVAL_BATCH):
   """Every window of `pt` once, in batches of `batch` rows (the last padded with weight 0)."""
   for s in range(0, pt.num_windows, batch):
@@ -306,6 +318,7 @@ def variant_list(args) -> list[tuple[str, Optional[dict], float]]:
   """(name, LoRA settings or None for full fine-tuning, lr) of the runs of one seed."""
   if args.phase == "tune":
     out = [("full", None, float(lr)) for lr in filter(None, args.tune_full_lrs.split(","))]
+    out += [(GENERIC, None, float(lr)) for lr in filter(None, args.generic_lrs.split(","))]
     lrs = [float(x) for x in args.tune_lrs.split(",")] if args.tune_lrs else LORA_LRS
     for t in args.tune_targets.split(","):
       for r in map(int, args.tune_ranks.split(",")):
@@ -364,6 +377,9 @@ def main(argv=None) -> int:
                  "tune phase in <out>/results.jsonl")
   p.add_argument("--lora-lr", default="auto", help="as --full-lr, for LoRA (all variants)")
   p.add_argument("--steps", type=int, default=0, help="override adaptation steps")
+  p.add_argument("--generic-lrs", default="",
+                 help="tune phase: also full FT on the pre-training topics (not the held-out "
+                 "train split) at these lrs, scored on the held-out dev / test split")
   p.add_argument("--pretrain-steps", type=int, default=0,
                  help="override pre-training steps (default: experiments/lora_moe.py's 400); "
                  "the cosine schedule spans them. Use one --out per value: bases are cached "
@@ -444,7 +460,8 @@ def main(argv=None) -> int:
       else:
         trainable, frozen = base, {}
       ratio = a.b_lr_ratio if lc is not None else 1.0
-      state, secs, losses = train(cfg, vtask, trainable, frozen, data, seed, (name, lr), ratio)
+      vdata = generic_data(cfg, a.sfx) if name == GENERIC else data
+      state, secs, losses = train(cfg, vtask, trainable, frozen, vdata, seed, (name, lr), ratio)
       if name not in _EVALS:  # one compile per adapter structure, not per seed / lr
         _EVALS[name] = jax.jit(functools.partial(eval_step, task=vtask))
       ev = _EVALS[name]

@@ -456,6 +456,19 @@ def test_lora_sweep_split_and_trainable_fraction():
   assert max(counts.values()) / n_total <= 0.01
 
 
+def _assert_expert_outputs(k, x, weight, tol):
+  """Both expert equations of a stacked expert kernel k [S, E, D, F], per layer s and expert e,
+  equal x_e @ weight(s, e)."""
+  for s in range(k.shape[0]):
+    ks = jax.tree.map(lambda v: v[s], k)
+    y1 = np.asarray(ks.einsum("ecd,edf->ecf", x, dtype=jnp.float32))
+    y2 = np.asarray(ks.einsum("nd,edf->enf", x[0], dtype=jnp.float32))
+    for e in range(x.shape[0]):
+      we = weight(s, e)
+      np.testing.assert_allclose(y1[e], np.asarray(x[e]) @ we, rtol=tol, atol=tol)
+      np.testing.assert_allclose(y2[e], np.asarray(x[0]) @ we, rtol=tol, atol=tol)
+
+
 def test_shared_expert_adapter():
   """expert_mode="shared": one A, B per stacked expert weight added to every expert (with
   per-expert gains g_e, ΔW_e = s·A·diag(g_e)·B); formula per expert, trainable count, tied gradient, zero-B identity,
@@ -485,14 +498,8 @@ def test_shared_expert_adapter():
   a, b, g = (np.asarray(t["layers_1"]["mlp"]["experts"]["down_proj"][n])
              for n in ("lora_a", "lora_b", "expert_scale"))
   k2 = p2["layers_1"]["mlp"]["experts"]["down_proj"]
-  for s in range(s_):
-    ks = jax.tree.map(lambda v: v[s], k2)
-    y1 = np.asarray(ks.einsum("ecd,edf->ecf", x, dtype=jnp.float32))
-    y2 = np.asarray(ks.einsum("nd,edf->enf", x[0], dtype=jnp.float32))
-    for e in range(e_):
-      we = w[s, e] + 2.0 * a[s] @ np.diag(g[s, e]) @ b[s]  # scale = alpha / r = 2
-      np.testing.assert_allclose(y1[e], np.asarray(x[e]) @ we, rtol=1e-5, atol=1e-5)
-      np.testing.assert_allclose(y2[e], np.asarray(x[0]) @ we, rtol=1e-5, atol=1e-5)
+  _assert_expert_outputs(  # scale = alpha / r = 2
+      k2, x, lambda s, e: w[s, e] + 2.0 * a[s] @ np.diag(g[s, e]) @ b[s], 1e-5)
   merged = lora.merge(p2)["layers_1"]["mlp"]["experts"]["down_proj"]
   np.testing.assert_allclose(  # merged == unmerged
       jax.tree.map(lambda v: v[1], merged).einsum("ecd,edf->ecf", x, dtype=jnp.float32),
@@ -559,15 +566,11 @@ def test_shared_expert_dora_in_parts():
   a, b, m = (np.asarray(t["layers_1"]["mlp"]["experts"]["down_proj"][n])
              for n in ("lora_a", "lora_b", "magnitude"))
   k2 = p2["layers_1"]["mlp"]["experts"]["down_proj"]
-  for s in range(s_):
-    ks = jax.tree.map(lambda v: v[s], k2)
-    y1 = np.asarray(ks.einsum("ecd,edf->ecf", x, dtype=jnp.float32))
-    y2 = np.asarray(ks.einsum("nd,edf->enf", x[0], dtype=jnp.float32))
-    for e in range(e_):
-      wc = w[s, e] + 2.0 * a[s] @ b[s]  # scale = alpha / r = 2
-      we = m[s, e] * wc / np.linalg.norm(wc, axis=0)
-      np.testing.assert_allclose(y1[e], np.asarray(x[e]) @ we, rtol=1e-4, atol=1e-4)
-      np.testing.assert_allclose(y2[e], np.asarray(x[0]) @ we, rtol=1e-4, atol=1e-4)
+
+  def dora(s, e):  # m_e · (W_e + sAB) / ||W_e + sAB||_col, scale = alpha / r = 2
+    wc = w[s, e] + 2.0 * a[s] @ b[s]
+    return m[s, e] * wc / np.linalg.norm(wc, axis=0)
+  _assert_expert_outputs(k2, x, dora, 1e-4)
   with tempfile.TemporaryDirectory() as tmp:
     lora.save_adapter(tmp, p2, "a")
     q = lora.load_adapter(tmp, params)
