@@ -113,6 +113,10 @@ TARGETS = {
     "qo+experts-shared+lm_head-full": dict(target_modules=["q_proj", "o_proj", "experts"],
                                            expert_mode="shared", expert_scale="expert",
                                            train_also=r"lm_head/kernel"),
+    # ... and the input side too: LoRA on lm_head, the byte embedding trained fully: 75,960.
+    "qo+experts-shared+lm_head+embed-full": dict(
+        target_modules=["q_proj", "o_proj", "experts", "lm_head"], expert_mode="shared",
+        expert_scale="expert", train_also=r"embed_tokens/embedding"),
     "attn+experts-shared-dora-down+lm_head": dict(parts=[
         dict(target_modules=["self_attn", "lm_head"]),
         dict(target_modules=[EXPERT_GU], expert_mode="shared"),
