@@ -5,6 +5,8 @@
       [--full-lr auto --lora-lr auto]   # the tune phase's best dev lr; reports the test split
   python scripts/lora_sweep.py --out runs/lora_sweep --phase pretrain --seeds 1,2  # bases only
   python scripts/lora_sweep.py --out /tmp/lora_smoke --phase tune --smoke    # functional check
+  python scripts/lora_sweep.py --out runs/lora_r3_p1500 --phase pretrain --seeds 0,1,2 \
+      --pretrain-steps 1500 --pretrain-eval-every 250   # protocol B bases (docs/lora.md round 3)
 
 Model and pre-training data: experiments/lora_moe.py. Per seed s the MoE is pre-trained once
 (init and data order from s) on the topics outside the held-out domain and cached in
