@@ -30,21 +30,22 @@ def save_adapter(path: str, params: Any, name: str) -> dict[str, int]:
   tensors: dict[str, np.ndarray] = {}
   layout: dict[str, dict] = {}
   cfg: Optional[LoraConfig] = None
+  inits: set[str] = set()
   for p, k in lora_kernels(params).items():
     if name not in k.adapters:
       continue
-    cfg = cfg or k.config(name)
+    kcfg = k.config(name)
+    cfg = cfg or kcfg
+    inits.add(kcfg.init)
     kn = k.replace(active=name)
     for key, a in k.adapters[name].items():
       if key in TRAINABLE_KEYS:  # a shared expert adapter: one copy of A, B
         tensors[f"{p}.{key}"] = np.asarray(kn.share(key, a), np.float32)
     layout[p] = {"n_batch": k.n_batch, "n_out": k.n_out, "base_shape": list(k.shape)}
-    if k.config(name) != cfg:  # one adapter made of several LoraConfigs (add_adapter per part)
-      layout[p]["config"] = k.config(name).to_dict()
+    if kcfg != cfg:  # one adapter made of several LoraConfigs (add_adapter per part)
+      layout[p]["config"] = kcfg.to_dict()
   if cfg is None:
     raise KeyError(f"no adapter {name!r} in params")
-  inits = {LoraConfig.from_dict(lay["config"]).init if "config" in lay else cfg.init
-           for lay in layout.values()}
   if "pissa" in inits:
     raise ValueError("a PiSSA adapter changed its base (residual); save the merged model "
                      "with merge_and_unload() instead")
