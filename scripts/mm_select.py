@@ -1,11 +1,14 @@
-"""Apply the round-3 selection rule (docs/multimodal.md "Round 3") to validation-voice runs.
+"""Apply the round-3 / round-4 selection rule (docs/multimodal.md "Round 3", "Round 4") to
+validation-voice runs.
 
-  python scripts/mm_select.py --root runs/mm_r3/val [--base base] [--seeds 0,1]
+  python scripts/mm_select.py --root runs/mm_r3/val [--base base] [--seeds 0,1]      # round 3
+  python scripts/mm_select.py --root runs/mm_r4/val --base utt --seeds 0,1,2         # round 4
 
 Reads `<root>/<name>/softmax/seed<s>/eval.json` for every candidate directory. Score = mean over
 the seeds of mean(audio→text zero-shot, image→audio R@1, audio→image R@1); a candidate passes if
 its score is >= the base's + 1.0 point and its image→text zero-shot is >= the base's - 1.0 point.
-Prints one Markdown table (candidates with every seed finished) and the passing candidates.
+Prints one Markdown table (candidates with every seed finished), the passing candidates, and the
+candidates with some but not all seeds finished (these cannot pass).
 """
 
 from __future__ import annotations
@@ -47,11 +50,17 @@ def main(argv=None) -> int:
   p.add_argument("--seeds", default="0,1")
   a = p.parse_args(argv)
   seeds = [int(s) for s in a.seeds.split(",")]
-  rows = {}
+  rows, unfinished = {}, []
   for name in sorted(os.listdir(a.root)):
+    if not os.path.isdir(os.path.join(a.root, name, "softmax")):
+      continue
     runs = load(a.root, name, seeds)
     if runs:
       rows[name] = summary(runs)
+    else:
+      done = [s for s in seeds if os.path.exists(os.path.join(a.root, name, "softmax", f"seed{s}",
+                                                               "eval.json"))]
+      unfinished.append(f"{name} (seeds finished: {','.join(map(str, done)) or 'none'})")
   if a.base not in rows:
     print(f"base {a.base!r} not finished for seeds {seeds}")
     return 1
