@@ -44,6 +44,7 @@ import optax
 
 from ds_jax import lora
 import ds_jax.lora.transforms  # noqa: F401  (lora.transforms.map_params)
+from ds_jax.lora import esft
 from ds_jax.config import model_config
 from ds_jax.data.text import (PackedText, TextData, pydoc_topics, tokenize_documents)
 from ds_jax.data.tokenizer import get_tokenizer
@@ -57,6 +58,8 @@ NORMS = r"(.*/)?[a-z_]*norm/scale"  # RMSNorm gains (1,280 parameters)
 ROUTER = r".*/mlp/gate/kernel"  # the MoE routers (12,288 parameters)
 EXPERT_GU = r".*/mlp/experts/(gate|up)_proj"  # routed experts' input projections
 EXPERT_DOWN = r".*/mlp/experts/down_proj"
+# The round-3 headline's non-expert parts: attention q / kv_b / o, the shared experts, lm_head.
+HEAD_NON_EXPERT_EXCLUDE = ["layers_0/block/mlp/.*", "kv_a_proj_with_mqa", "experts"]
 TARGETS = {
     "qv": dict(target_modules=["q_proj", "q_b_proj", "kv_b_proj"]),
     "all-but-experts": dict(target_modules=["all-linear"], exclude_modules=["experts"]),
@@ -123,6 +126,31 @@ TARGETS = {
         dict(target_modules=["self_attn", "lm_head"]),
         dict(target_modules=[EXPERT_GU], expert_mode="shared"),
         dict(target_modules=[EXPERT_DOWN], expert_mode="shared", use_dora=True)]),
+    # Round 4 (1) ESFT-style: per-expert LoRA (own A, B on gate/up/down) only for the k routed
+    # experts per MoE layer with the highest token-selection ratio on the held-out domain's
+    # *train* split under the seed's pre-trained base (`esft_k`; ds_jax.lora.esft), the other
+    # experts unadapted (LoraConfig expert_mode="subset"); next to the headline's non-expert
+    # parts (attention q / kv_b / o, shared experts, lm_head: 49,688 at r = 8). Each is
+    # 72,728 parameters (0.938%): top-1 at r = 8 (3 · 7,680), top-2 at r = 4 (6 · 3,840), and
+    # top-2 at r = 8 without the shared experts' LoRA (6 · 7,680 + 26,648).
+    "esft-top1+headline-non-expert": dict(parts=[
+        dict(target_modules=["all-linear", "lm_head"], exclude_modules=HEAD_NON_EXPERT_EXCLUDE),
+        dict(target_modules=["experts"], expert_mode="subset", esft_k=1)]),
+    "esft-top2-r4+headline-non-expert": dict(parts=[
+        dict(target_modules=["all-linear", "lm_head"], exclude_modules=HEAD_NON_EXPERT_EXCLUDE),
+        dict(target_modules=["experts"], expert_mode="subset", esft_k=2, r=4)]),
+    "esft-top2+attn+lm_head": dict(parts=[
+        dict(target_modules=["self_attn", "lm_head"], exclude_modules=["kv_a_proj_with_mqa"]),
+        dict(target_modules=["experts"], expert_mode="subset", esft_k=2)]),
+    # Round 4 (2) the round-3 headline with the lm_head adapter's lr at 3x / 1/3 of the rest.
+    "all-but-dense-mlp-kv_a+experts-shared+lm_head@lm_head-lr3": dict(
+        target_modules=["all-linear", "lm_head"],
+        exclude_modules=["layers_0/block/mlp/.*", "kv_a_proj_with_mqa"],
+        expert_mode="shared", expert_scale="expert", lr_ratios={r"lm_head/.*": 3.0}),
+    "all-but-dense-mlp-kv_a+experts-shared+lm_head@lm_head-lr1/3": dict(
+        target_modules=["all-linear", "lm_head"],
+        exclude_modules=["layers_0/block/mlp/.*", "kv_a_proj_with_mqa"],
+        expert_mode="shared", expert_scale="expert", lr_ratios={r"lm_head/.*": 1.0 / 3.0}),
 }
 MAIN_TARGET = "all-but-experts"
 SHORT = {"qv": "q,v", "all-but-experts": "all but\nrouted", "all-linear": "all-linear",
@@ -224,6 +252,37 @@ def lora_plus(tx, trainable: Any, ratio: float):
   return optax.chain(tx, optax.masked(optax.scale(ratio), mask))
 
 
+def path_lr_ratios(tx, trainable: Any, ratios: Optional[dict]):
+  """Own learning rates for parts of the trainable tree: every leaf whose '/'-joined path
+  fullmatches a key of `ratios` gets its update scaled by the value (with AdamW at weight decay
+  0 this is that leaf's lr × the ratio; the schedule is shared)."""
+  if not ratios:
+    return tx
+  for pattern, ratio in ratios.items():
+    mask = jax.tree_util.tree_map_with_path(
+        lambda path, _: bool(re.fullmatch(pattern, lora.config.path_str(path))), trainable)
+    if not any(jax.tree.leaves(mask)):
+      raise ValueError(f"lr_ratios pattern {pattern!r} matched no trainable leaf")
+    tx = optax.chain(tx, optax.masked(optax.scale(ratio), mask))
+  return tx
+
+
+def esft_affinity(out: str, seed: int, mc, base: Any, data: "AdaptData") -> np.ndarray:
+  """[MoE layers, E] token-selection ratio of each routed expert on the held-out domain's train
+  split under seed's pre-trained base (ESFT's affinity; cached in <out>/esft_affinity_s<seed>.json)."""
+  path = os.path.join(out, f"esft_affinity_s{seed}.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      return np.asarray(json.load(f)["affinity"])
+  n = data.train.num_windows
+  batches = (data.train.rows(np.arange(s, min(s + EVAL_BATCH, n)))["inputs"]
+             for s in range(0, n, EVAL_BATCH))
+  aff = esft.expert_affinity(mc, base, batches)
+  with open(path, "w") as f:
+    json.dump({"seed": seed, "split": "train", "windows": n, "affinity": aff.tolist()}, f)
+  return aff
+
+
 def train_also(trainable: dict, frozen: Any, pattern: str) -> tuple[dict, Any]:
   """Move the plain parameters whose path fullmatches `pattern` from `frozen` into the
   trainable tree: ({"lora": adapter tree, "also": {path: array}}, frozen with None there)."""
@@ -247,11 +306,13 @@ def combine_also(trainable: dict, frozen: Any) -> Any:
 
 
 def train(cfg, task: LMTask, trainable: Any, frozen: Any, data, seed: int, key,
-          b_ratio: float = 1.0, probe=None, probe_every: int = 0) -> tuple:
+          b_ratio: float = 1.0, probe=None, probe_every: int = 0,
+          lr_ratios: Optional[dict] = None) -> tuple:
   """cfg.steps AdamW steps on `trainable`; the jitted step is cached by `key` (not the seed).
   With `probe_every`, `probe(state)` (e.g. a validation loss) is recorded every that many steps
   and returned as a fourth element [(step, value), ...]."""
   tx = lora_plus(make_optimizer(cfg.optimizer, cfg.steps, trainable), trainable, b_ratio)
+  tx = path_lr_ratios(tx, trainable, lr_ratios)
   if key not in _STEPS:
     _STEPS[key] = jax.jit(lambda st, b, rng: train_step(
         st, b, task=task, tx=tx, lr_fn=schedule(cfg.optimizer, cfg.steps), accum=1,
@@ -302,15 +363,22 @@ def pretrain(args, seed: int):
   return state.params, row
 
 
-def adapter_partition(base: Any, lora_section, lc: dict, seed: int) -> tuple[dict, Any]:
+def adapter_partition(base: Any, lora_section, lc: dict, seed: int,
+                      affinity: Optional[np.ndarray] = None) -> tuple[dict, Any]:
   """Add the variant's adapter and split (trainable, frozen). A variant with `parts` is one
   adapter made of several LoraConfigs on disjoint weights (e.g. DoRA only on some), added
   one after another under the same name; part i draws its A from rng fold_in(seed key, 7 + i)
-  (a single-part variant: exactly `lora_train_partition` with rng 7)."""
+  (a single-part variant: exactly `lora_train_partition` with rng 7). A part may set its own
+  rank `r` (alpha = 2r); a part with `esft_k` gets expert_mode="subset" on the k experts per
+  MoE layer with the highest `affinity` (the model's single MoE segment: rows = its layers)."""
   params = base
   for i, part in enumerate(lc.get("parts") or [lc]):
+    r = part.get("r", lc["r"])
+    subset = ()
+    if part.get("esft_k"):
+      subset = esft.top_experts(affinity, part["esft_k"])
     lcfg = lora.LoraConfig(
-        r=lc["r"], lora_alpha=2.0 * lc["r"], target_modules=part["target_modules"],
+        r=r, lora_alpha=2.0 * r, target_modules=part["target_modules"], expert_subset=subset,
         exclude_modules=part.get("exclude_modules", ()),
         expert_mode=part.get("expert_mode", "per_expert"),
         expert_scale=part.get("expert_scale", "none"), init=part.get("init", "gaussian"),
@@ -458,7 +526,9 @@ def main(argv=None) -> int:
       vtask = LMTask(cfg, mc)
       if lc is not None:
         cfg.lora.update(dict(enabled=True, r=lc["r"], lora_alpha=2.0 * lc["r"]))
-        trainable, frozen = adapter_partition(base, cfg.lora, lc, seed)
+        aff = (esft_affinity(a.out, seed, mc, base, data)
+               if any(pt.get("esft_k") for pt in lc.get("parts") or [lc]) else None)
+        trainable, frozen = adapter_partition(base, cfg.lora, lc, seed, aff)
         vtask.combine = lora.combine
         if lc.get("train_also"):
           trainable, frozen = train_also(trainable, frozen, lc["train_also"])
@@ -467,7 +537,8 @@ def main(argv=None) -> int:
         trainable, frozen = base, {}
       ratio = a.b_lr_ratio if lc is not None else 1.0
       vdata = generic_data(cfg, a.sfx) if name == GENERIC else data
-      state, secs, losses = train(cfg, vtask, trainable, frozen, vdata, seed, (name, lr), ratio)
+      state, secs, losses = train(cfg, vtask, trainable, frozen, vdata, seed, (name, lr), ratio,
+                                  lr_ratios=(lc or {}).get("lr_ratios"))
       if name not in _EVALS:  # one compile per adapter structure, not per seed / lr
         _EVALS[name] = jax.jit(functools.partial(eval_step, task=vtask))
       ev = _EVALS[name]
@@ -483,6 +554,12 @@ def main(argv=None) -> int:
              "train_losses": losses}
       if lc is not None:
         row["lora"] = dict(lc, lora_alpha=2.0 * lc["r"], b_lr_ratio=ratio)
+        if aff is not None:  # the chosen experts and the share of routed slots they serve
+          for pt in lc.get("parts") or [lc]:
+            if pt.get("esft_k"):
+              sub = esft.top_experts(aff, pt["esft_k"])
+              row["esft_subset"] = [list(x) for x in sub]
+              row["esft_share"] = [float(aff[i, list(x)].sum()) for i, x in enumerate(sub)]
         full = vtask.combine(state.params, state.frozen)
       if lc is not None and lc.get("init") != "pissa":  # a PiSSA adapter cannot be saved alone
         adir = os.path.join(a.out, "adapters", f"{name.replace(' ', '_')}_s{seed}")

@@ -16,7 +16,7 @@ from ml_collections import ConfigDict
 
 ALL_LINEAR = "all-linear"
 INITS = ("gaussian", "kaiming", "pissa")
-EXPERT_MODES = ("per_expert", "shared")
+EXPERT_MODES = ("per_expert", "shared", "subset")
 EXPERT_SCALES = ("none", "expert", "rank")
 # Never adapted by "all-linear": the output layer (as in PEFT), embeddings and the MoE router,
 # whose logits are computed outside `ds_jax.nn.linear.einsum`.
@@ -54,6 +54,7 @@ class LoraConfig:
   init: str = "gaussian"
   expert_mode: str = "per_expert"
   expert_scale: str = "none"
+  expert_subset: Any = ()
 
   def __post_init__(self):
     for f in ("target_modules", "exclude_modules"):
@@ -76,6 +77,27 @@ class LoraConfig:
                        f"got {self.expert_scale!r}")
     if self.expert_scale != "none" and self.expert_mode != "shared":
       raise ValueError("LoraConfig.expert_scale needs expert_mode='shared'")
+    sub = self.expert_subset
+    try:  # lists (JSON, ConfigDict) -> a hashable tuple of tuples of ints
+      sub = tuple(tuple(int(e) for e in row) for row in (sub or ()))
+    except TypeError:
+      raise ValueError("LoraConfig.expert_subset must be a sequence (one per stacked layer) of "
+                       f"sequences of expert indices; got {self.expert_subset!r}") from None
+    object.__setattr__(self, "expert_subset", sub)
+    if self.expert_mode == "subset":
+      if not any(sub):
+        raise ValueError("LoraConfig.expert_subset must name at least one expert with "
+                         "expert_mode='subset'; got " + repr(self.expert_subset))
+      for row in sub:
+        if any(e < 0 for e in row) or len(set(row)) != len(row):
+          raise ValueError("LoraConfig.expert_subset: expert indices must be distinct and "
+                           f">= 0; got {row!r}")
+      if self.use_dora or self.init == "pissa":
+        raise ValueError("LoraConfig.expert_mode='subset' supports neither use_dora nor "
+                         "init='pissa'")
+    elif sub:
+      raise ValueError("LoraConfig.expert_subset needs expert_mode='subset'; got expert_mode="
+                       f"{self.expert_mode!r}")
     if self.expert_mode == "shared" and self.init == "pissa":
       raise ValueError("init='pissa' is per weight; it cannot be shared across experts")
 
@@ -88,6 +110,7 @@ class LoraConfig:
     for f in ("target_modules", "exclude_modules"):
       if isinstance(d[f], tuple):
         d[f] = list(d[f])
+    d["expert_subset"] = [list(row) for row in self.expert_subset]
     return d
 
   @classmethod
@@ -109,7 +132,7 @@ def default_lora_config() -> ConfigDict:
       enabled=False, adapter_name="default", r=8, lora_alpha=16.0,
       target_modules=["q_proj", "v_proj"], exclude_modules=[], dropout=0.0,
       use_rslora=False, use_dora=False, init="gaussian", expert_mode="per_expert",
-      expert_scale="none", seed=0))
+      expert_scale="none", expert_subset=[], seed=0))
 
 
 def from_config_dict(c: ConfigDict | dict) -> LoraConfig:
@@ -122,7 +145,8 @@ def from_config_dict(c: ConfigDict | dict) -> LoraConfig:
                     use_rslora=bool(c.get("use_rslora", False)),
                     use_dora=bool(c.get("use_dora", False)), init=c.get("init", "gaussian"),
                     expert_mode=c.get("expert_mode", "per_expert"),
-                    expert_scale=c.get("expert_scale", "none"))
+                    expert_scale=c.get("expert_scale", "none"),
+                    expert_subset=c.get("expert_subset", ()))
 
 
 # ----------------------------------------------------------------------------------------------

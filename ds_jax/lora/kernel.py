@@ -26,6 +26,7 @@ from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 from ds_jax.lora.config import LoraConfig
@@ -65,6 +66,22 @@ def broadcast_experts(a: Array, experts: tuple[int, ...]) -> Array:
   lead = a.shape[:-2]
   a = a.reshape(*lead, *(1,) * len(experts), *a.shape[-2:])
   return jnp.broadcast_to(a, (*lead, *experts, *a.shape[-2:]))
+
+
+def subset_index(subset: tuple, stack: tuple[int, ...], experts: tuple[int, ...]) -> np.ndarray:
+  """Flat indices (layer-major) of `subset`'s experts in a kernel's [*stack, *experts] axes;
+  raises naming LoraConfig.expert_subset if it does not fit the kernel."""
+  n_layers, (n_exp,) = math.prod(stack), experts
+  if len(subset) != n_layers:
+    raise ValueError(f"LoraConfig.expert_subset has {len(subset)} rows; the expert weight has "
+                     f"{n_layers} stacked layer(s) (stack axes {stack}): give one tuple of "
+                     "expert indices per layer")
+  bad = [e for row in subset for e in row if e >= n_exp]
+  if bad:
+    raise ValueError(f"LoraConfig.expert_subset: expert indices {bad} out of range for "
+                     f"{n_exp} experts")
+  return np.asarray([s * n_exp + e for s, row in enumerate(subset) for e in sorted(row)],
+                    np.int32)
 
 
 def column_norm(w: Array, n_out: int) -> Array:
@@ -137,6 +154,23 @@ class LoraKernel:
     """Whether adapter `name` is one A, B shared by all experts (expert_mode="shared")."""
     return self.n_batch > 0 and self.config(name).expert_mode == "shared"
 
+  def is_subset(self, name: str) -> bool:
+    """Whether adapter `name` exists only for chosen experts (expert_mode="subset")."""
+    return self.n_batch > 0 and self.config(name).expert_mode == "subset"
+
+  def is_packed(self, name: str) -> bool:
+    """Whether the trainable copy of adapter `name` differs in shape from the stored arrays
+    (shared or subset expert adapters): such adapters train only via split_trainable."""
+    return self.is_shared(name) or self.is_subset(name)
+
+  def subset_index(self, name: str) -> np.ndarray:
+    """Flat indices into the (stacked layer, expert) axes of the chosen experts (subset mode)."""
+    return subset_index(self.config(name).expert_subset, self.stack_shape(), self.expert_axes())
+
+  def stack_shape(self) -> tuple[int, ...]:
+    shape = self.shape
+    return tuple(shape[:len(shape) - self.n_out - 1 - self.n_batch])
+
   def expert_axes(self) -> tuple[int, ...]:
     shape = self.shape
     lead = len(shape) - self.n_out - 1 - self.n_batch
@@ -144,19 +178,28 @@ class LoraKernel:
 
   def share(self, key: str, a: Any) -> Any:
     """Trainable copy of adapter array `key`: the shared slice for lora_a / lora_b of a shared
-    adapter, else `a` itself."""
-    if key not in ("lora_a", "lora_b") or not self.is_shared(self.active) or a is None:
+    adapter, the chosen experts' rows [N, x, y] of a subset adapter, else `a` itself."""
+    if key not in ("lora_a", "lora_b") or not self.is_packed(self.active) or a is None:
       return a
+    if self.is_subset(self.active):
+      lead = len(self.stack_shape()) + self.n_batch
+      flat = a.reshape(-1, *a.shape[lead:])
+      return flat[self.subset_index(self.active)]
     return shared_slice(a, self.n_batch) if key == "lora_a" else shared_slice(
         a.reshape(*a.shape[:a.ndim - self.n_out], -1), self.n_batch).reshape(
             *a.shape[:a.ndim - self.n_out - 1 - self.n_batch], -1, *a.shape[a.ndim - self.n_out:])
 
   def unshare(self, key: str, a: Any) -> Any:
-    """Inverse of `share`: broadcast a shared lora_a / lora_b over the expert axes."""
-    if key not in ("lora_a", "lora_b") or not self.is_shared(self.active) or not hasattr(
+    """Inverse of `share`: broadcast a shared lora_a / lora_b over the expert axes; scatter a
+    subset adapter's rows into zeros (the other experts' A, B stay exactly 0)."""
+    if key not in ("lora_a", "lora_b") or not self.is_packed(self.active) or not hasattr(
         a, "ndim"):
       return a
     experts = self.expert_axes()
+    if self.is_subset(self.active):
+      lead = self.stack_shape() + experts
+      full = jnp.zeros((math.prod(lead), *a.shape[1:]), a.dtype)
+      return full.at[self.subset_index(self.active)].set(a).reshape(*lead, *a.shape[1:])
     if key == "lora_a":
       return broadcast_experts(a, experts)
     outs = a.shape[a.ndim - self.n_out:]

@@ -32,7 +32,9 @@ def split_trainable(params: Any) -> tuple[dict, Any]:
   """(trainable, frozen): trainable = {path...: {lora_a, lora_b[, magnitude, expert_scale]}} of
   the active adapter (nested dicts mirroring params); frozen = params with those arrays set to
   None. A shared expert adapter (expert_mode="shared") contributes one copy of A and B (no
-  expert axes); `combine` broadcasts it back to every expert."""
+  expert axes); `combine` broadcasts it back to every expert. A subset adapter
+  (expert_mode="subset") contributes the chosen experts' A, B ([N, D, r], [N, r, *O]); `combine`
+  scatters them back, the other experts' A, B stay 0."""
   trainable: dict = {}
 
   def fn(path, leaf):
@@ -70,6 +72,9 @@ def trainable_mask(params: Any) -> Any:
   if any(k.is_shared(k.active) for k in _trainable_kernels(params)):
     raise ValueError("trainable_mask cannot keep a shared expert adapter tied; use "
                      "split_trainable / combine")
+  if any(k.is_subset(k.active) for k in _trainable_kernels(params)):
+    raise ValueError("trainable_mask would train every expert of a subset expert adapter "
+                     "(expert_mode='subset'); use split_trainable / combine")
   trainable, frozen = split_trainable(params)
   return combine(jax.tree.map(lambda _: True, trainable),
                  jax.tree.map(lambda _: False, frozen))

@@ -17,7 +17,7 @@ import numpy as np
 from ds_jax.lora.config import (LoraConfig, is_expert_path, is_target, is_weight_path,
                                 stack_axes)
 from ds_jax.lora.kernel import (LoraKernel, broadcast_experts, column_norm, dense, kernel_shape,
-                                lora_delta)
+                                lora_delta, subset_index)
 
 TRAINABLE_KEYS = ("lora_a", "lora_b", "magnitude", "expert_scale")
 
@@ -121,6 +121,11 @@ def _new_adapters(cfg: LoraConfig, layout: tuple, rng: jax.Array, bases: dict) -
       if cfg.expert_scale != "none":
         k = cfg.r if cfg.expert_scale == "rank" else 1
         ad["expert_scale"] = jnp.ones((*shape[:lead + nb], k), jnp.float32)
+    if cfg.expert_mode == "subset" and nb > 0:  # only the chosen experts keep their A
+      lead = len(shape) - n_out - 1 - nb
+      keep = np.zeros(math.prod(shape[:lead + nb]), np.float32)
+      keep[subset_index(cfg.expert_subset, shape[:lead], shape[lead:lead + nb])] = 1.0
+      ad["lora_a"] = ad["lora_a"] * keep.reshape(*shape[:lead + nb], 1, 1)
     if cfg.use_dora:
       ad["magnitude"] = column_norm(dense(base) if new_base is None else new_base, n_out)
     out[path] = (ad, new_base)
@@ -153,6 +158,12 @@ def add_adapter(params: Any, name: str, cfg: LoraConfig, rng: jax.Array,
     n_out = k.n_out if k is not None else len(shape) - stack_axes(path) - n_batch - 1
     if n_out < 1:
       raise ValueError(f"{path}: kernel of shape {shape} has no output axis")
+    if cfg.expert_mode == "subset" and n_batch:  # the chosen experts must fit this weight
+      lead = len(shape) - n_out - 1 - n_batch
+      try:
+        subset_index(cfg.expert_subset, shape[:lead], shape[lead:lead + n_batch])
+      except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
     targets[path] = (base, shape, n_batch, n_out)
     return leaf
 
