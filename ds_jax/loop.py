@@ -82,7 +82,8 @@ def train(cfg, workdir: str, *, progress: bool = True, init_params: Any = None) 
     print(f"resumed from step {start} in {workdir}", flush=True)
   tokens_per_step = cfg.batch_size * cfg.seq_len
   fpt = flops_per_token(mc, cfg.seq_len)
-  peak = cfg.peak_flops * jax.device_count() if cfg.peak_flops else measure_peak_flops()
+  peak = (cfg.peak_flops * jax.device_count() if cfg.peak_flops
+          else measure_peak_flops(dtype=mc.dtype))  # the compute dtype's own peak
   writer = MetricsWriter(workdir, enabled=is_main)
   bar = None
   if progress and is_main:

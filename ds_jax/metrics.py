@@ -60,16 +60,22 @@ def read_metrics(workdir: str) -> list[dict]:
     return [json.loads(line) for line in f if line.strip()]
 
 
-_PEAK: Optional[float] = None
+_PEAK: dict = {}
 
 
-def measure_peak_flops(n: int = 1536, reps: int = 3) -> float:
-  """Best-of-`reps` f32 matmul FLOP/s of this host's default backend (cached per process)."""
-  global _PEAK
-  if _PEAK is None:
-    import jax
-    import jax.numpy as jnp
-    a = jnp.ones((n, n), jnp.float32)
+def measure_peak_flops(n: Optional[int] = None, reps: int = 3, dtype: str = "float32") -> float:
+  """Best-of-`reps` matmul FLOP/s of this host's default backend in `dtype` (cached per process).
+
+  `n` (the square matmul's side) defaults to 1536 on CPU and 8192 on accelerators, where a
+  smaller product does not fill the chip.
+  """
+  import jax
+  import jax.numpy as jnp
+  if n is None:
+    n = 1536 if jax.default_backend() == "cpu" else 8192
+  key = (n, dtype)
+  if key not in _PEAK:
+    a = jnp.ones((n, n), jnp.dtype(dtype))
     f = jax.jit(lambda x: x @ x)
     f(a).block_until_ready()
     best = float("inf")
@@ -77,8 +83,8 @@ def measure_peak_flops(n: int = 1536, reps: int = 3) -> float:
       t = time.perf_counter()
       f(a).block_until_ready()
       best = min(best, time.perf_counter() - t)
-    _PEAK = 2 * n ** 3 / best
-  return _PEAK
+    _PEAK[key] = 2 * n ** 3 / best
+  return _PEAK[key]
 
 
 def plot_run(workdir: str) -> list[str]:

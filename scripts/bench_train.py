@@ -2,10 +2,14 @@
 
   python scripts/bench_train.py [--steps 20] [--threads 2] [--config experiments/bench_dsv2_tiny.py]
                                 [--skip-torch] [--config.model.moe_dispatch=capacity ...]
+                                [--platform cpu|gpu|tpu] [--dtype float32|bfloat16]
 
-Both sides run forward + backward + AdamW on the same shape, batch and sequence, float32, one
-process, `--threads` CPU threads, in this one run; the machine's f32 matmul peak is measured in
-the same run and MFU is reported against it (FLOPs per token from `ds_jax.analysis`).
+Both sides run forward + backward + AdamW on the same shape, batch and sequence, one process, in
+this one run; the device's matmul peak in the compute dtype is measured in the same run and MFU
+is reported against it (FLOPs per token from `ds_jax.analysis`). The defaults are the CPU
+benchmark of docs/benchmarks.md (float32, `--threads` CPU threads). `--platform gpu` runs JAX on
+the GPU and transformers on CUDA; `--dtype bfloat16` is mixed precision on both sides (ds_jax:
+float32 parameters, bfloat16 compute, `model.dtype`; torch: `torch.autocast`).
 """
 
 from __future__ import annotations
@@ -19,9 +23,11 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def _set_threads(n: int) -> None:
-  """XLA:CPU uses every core of the machine (2 here); torch is given the same count."""
-  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+def _set_platform(platform: str) -> None:
+  """Pin JAX to `platform` before it is imported (XLA:CPU uses every core of the machine; torch
+  is given `--threads`)."""
+  if platform != "auto":
+    os.environ["JAX_PLATFORMS"] = {"gpu": "cuda"}.get(platform, platform)
 
 
 def bench_ds_jax(cfg, steps: int) -> dict:
@@ -54,7 +60,9 @@ def bench_ds_jax(cfg, steps: int) -> dict:
           "loss": float(m["loss"])}
 
 
-def bench_torch(mc, batch: int, seq: int, steps: int, threads: int) -> dict:
+def bench_torch(mc, batch: int, seq: int, steps: int, threads: int, device: str = "cpu",
+                dtype: str = "float32") -> dict:
+  import contextlib
   import torch
   from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
   torch.set_num_threads(threads)
@@ -71,13 +79,16 @@ def bench_torch(mc, batch: int, seq: int, steps: int, threads: int) -> dict:
       topk_method="greedy", norm_topk_prob=mc.norm_topk_prob,
       routed_scaling_factor=mc.routed_scaling_factor, max_position_embeddings=1024,
       n_group=1, topk_group=1, tie_word_embeddings=False)
-  model = DeepseekV2ForCausalLM(hf).float().train()
+  model = DeepseekV2ForCausalLM(hf).float().train().to(device)
   opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
-  ids = torch.randint(0, mc.vocab_size, (batch, seq))
+  ids = torch.randint(0, mc.vocab_size, (batch, seq)).to(device)
+  cast = (torch.autocast(device_type=device, dtype=torch.bfloat16) if dtype == "bfloat16"
+          else contextlib.nullcontext())
 
   def step():
     opt.zero_grad(set_to_none=True)
-    out = model(input_ids=ids, labels=ids)
+    with cast:
+      out = model(input_ids=ids, labels=ids)
     out.loss.backward()
     opt.step()
     return float(out.loss)
@@ -97,9 +108,16 @@ def main() -> int:
   p.add_argument("--steps", type=int, default=20)
   p.add_argument("--threads", type=int, default=2)
   p.add_argument("--skip-torch", action="store_true")
+  p.add_argument("--platform", default="cpu", choices=("cpu", "gpu", "tpu", "auto"),
+                 help="JAX platform; torch runs on CUDA when gpu (default cpu)")
+  p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                 help="compute dtype of both sides (parameters stay float32)")
   args, rest = p.parse_known_args()
-  overrides = [a[2:] for a in rest if a.startswith("--config.")]
-  _set_threads(args.threads)
+  bad = [a for a in rest if not a.startswith("--config.")]
+  if bad:
+    p.error(f"unrecognized arguments: {' '.join(bad)} (config overrides are --config.KEY=VALUE)")
+  overrides = [a[2:] for a in rest] + [f"model.dtype={args.dtype}"]
+  _set_platform(args.platform)
   from ds_jax import analysis
   from ds_jax import config as cfglib
   from ds_jax.metrics import measure_peak_flops
@@ -107,18 +125,24 @@ def main() -> int:
   mc = cfglib.model_config(cfg.model)
   tokens = cfg.batch_size * cfg.seq_len
   fpt = analysis.flops_per_token(mc, cfg.seq_len)["train"]
-  peak = measure_peak_flops()
+  import jax
+  peak = measure_peak_flops(dtype=args.dtype)
+  short = {"float32": "f32", "bfloat16": "bf16"}[args.dtype]
   ours = bench_ds_jax(cfg, args.steps)
-  rows = [("ds_jax (jit, f32)", ours["step_s"])]
+  rows = [(f"ds_jax (jit, {short})", ours["step_s"])]
   theirs = None
   if not args.skip_torch:
-    theirs = bench_torch(mc, cfg.batch_size, cfg.seq_len, args.steps, args.threads)
-    rows.append(("transformers DeepseekV2ForCausalLM (torch, f32)", theirs["step_s"]))
+    device = "cuda" if jax.default_backend() == "gpu" else "cpu"
+    theirs = bench_torch(mc, cfg.batch_size, cfg.seq_len, args.steps, args.threads, device,
+                         args.dtype)
+    rows.append((f"transformers DeepseekV2ForCausalLM (torch {device}, {short})",
+                 theirs["step_s"]))
   print(f"config {args.config}: batch {cfg.batch_size} x seq {cfg.seq_len} = {tokens} tokens/step,"
-        f" {fpt / 1e6:.1f} MFLOP/token (train), f32 matmul peak {peak / 1e9:.1f} GFLOP/s")
-  print(f"{'system':<50} {'step ms':>9} {'tokens/s':>10} {'MFU':>7}")
+        f" {fpt / 1e6:.1f} MFLOP/token (train), {short} matmul peak {peak / 1e9:.1f} GFLOP/s"
+        f" ({jax.default_backend()}: {jax.devices()[0].device_kind})")
+  print(f"{'system':<54} {'step ms':>9} {'tokens/s':>10} {'MFU':>7}")
   for name, s in rows:
-    print(f"{name:<50} {s * 1e3:9.1f} {tokens / s:10.0f} {fpt * tokens / s / peak:7.1%}")
+    print(f"{name:<54} {s * 1e3:9.1f} {tokens / s:10.0f} {fpt * tokens / s / peak:7.1%}")
   if theirs:
     print(f"ds_jax / transformers tokens/s ratio: {theirs['step_s'] / ours['step_s']:.2f}x")
   print(f"(ds_jax compile {ours['compile_s']:.1f} s; medians of {args.steps} steps)")
