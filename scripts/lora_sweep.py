@@ -142,6 +142,19 @@ TARGETS = {
     "esft-top2+attn+lm_head": dict(parts=[
         dict(target_modules=["self_attn", "lm_head"], exclude_modules=["kv_a_proj_with_mqa"]),
         dict(target_modules=["experts"], expert_mode="subset", esft_k=2)]),
+    # Round 4 (1'), added after the three splits above had run: ESFT *on top of* the tied expert
+    # adapter (expert_mode="shared" with an expert_subset: the chosen experts also get their own
+    # A_e, B_e of rank subset_r). The round-3 headline + the top-1 expert per layer at rank 1
+    # (3 · 960): 75,896 (0.979%); and attention + lm_head + tied experts + the top-2 experts per
+    # layer at rank 4 (6 · 3,840), without the shared experts' LoRA: 73,016 (0.941%).
+    "all-but-dense-mlp-kv_a+experts-shared+esft-top1-r1+lm_head": dict(
+        target_modules=["all-linear", "lm_head"],
+        exclude_modules=["layers_0/block/mlp/.*", "kv_a_proj_with_mqa"],
+        expert_mode="shared", expert_scale="expert", esft_k=1, subset_r=1),
+    "attn+lm_head+experts-shared+esft-top2-r4": dict(parts=[
+        dict(target_modules=["self_attn", "lm_head"], exclude_modules=["kv_a_proj_with_mqa"]),
+        dict(target_modules=["experts"], expert_mode="shared", expert_scale="expert", esft_k=2,
+             subset_r=4)]),
     # Round 4 (2) the round-3 headline with the lm_head adapter's lr at 3x / 1/3 of the rest.
     "all-but-dense-mlp-kv_a+experts-shared+lm_head@lm_head-lr3": dict(
         target_modules=["all-linear", "lm_head"],
@@ -379,6 +392,7 @@ def adapter_partition(base: Any, lora_section, lc: dict, seed: int,
       subset = esft.top_experts(affinity, part["esft_k"])
     lcfg = lora.LoraConfig(
         r=r, lora_alpha=2.0 * r, target_modules=part["target_modules"], expert_subset=subset,
+        subset_r=part.get("subset_r", 0),
         exclude_modules=part.get("exclude_modules", ()),
         expert_mode=part.get("expert_mode", "per_expert"),
         expert_scale=part.get("expert_scale", "none"), init=part.get("init", "gaussian"),

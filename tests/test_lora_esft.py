@@ -135,3 +135,62 @@ def test_top_experts_and_affinity_from_router():
   # The router's load over both batches at once is the token-weighted mean of the per-batch ones.
   whole = esft.expert_affinity(mc, params, [toks.reshape(4, 8)])
   np.testing.assert_allclose(a, whole, rtol=1e-5, atol=1e-7)
+
+
+def test_shared_plus_subset_expert_adapter():
+  """expert_mode="shared" with an expert_subset: the tied update for every expert plus the chosen
+  experts' own A_e, B_e (rank subset_r): ΔW_e = g_e·s·A·B + s·A_e·B_e; count, training keeps the
+  unchosen experts' A_e, B_e at 0, formula per expert, save / load."""
+  rng = np.random.default_rng(2)
+  w, params = _params(rng)
+  rs = 1
+  cfg = lora.LoraConfig(target_modules=["experts"], r=R, lora_alpha=4, expert_mode="shared",
+                        expert_scale="expert", expert_subset=SUBSET, subset_r=rs)
+  p = lora.add_adapter(params, "h", cfg, jax.random.key(0))
+  chosen = np.zeros((S, E), bool)
+  for s, row in enumerate(SUBSET):
+    chosen[s, list(row)] = True
+  n_chosen = int(chosen.sum())
+  # tied: S·r·(D+F) + S·E gains; subset: chosen · subset_r · (D+F).
+  assert lora.count_params(p)["trainable"] == S * R * (D + F) + S * E + n_chosen * rs * (D + F)
+  x = jnp.asarray(rng.normal(size=(E, 3, D)), jnp.float32)
+  k = p["layers_1"]["mlp"]["experts"]["down_proj"]
+  for s in range(S):  # B = 0 everywhere: identity
+    np.testing.assert_allclose(_expert_out(k, x, s), np.einsum("ecd,edf->ecf", x, w[s]),
+                               rtol=1e-6, atol=1e-6)
+  t, fr = lora.split_trainable(p)
+  te = t["layers_1"]["mlp"]["experts"]["down_proj"]
+  assert te["subset_a"].shape == (n_chosen, D, rs) and te["lora_a"].shape == (S, D, R)
+  target = jnp.asarray(rng.normal(size=(S, E, 3, F)), jnp.float32)
+
+  def loss(t):
+    kk = lora.combine(t, fr)["layers_1"]["mlp"]["experts"]["down_proj"]
+    return sum(jnp.sum((jax.tree.map(lambda v: v[s], kk).einsum(
+        "ecd,edf->ecf", x, dtype=jnp.float32) - target[s]) ** 2) for s in range(S))
+  tx = optax.adam(0.05)
+  st = tx.init(t)
+  for _ in range(3):
+    upd, st = tx.update(jax.grad(loss)(t), st)
+    t = optax.apply_updates(t, upd)
+  p2 = lora.combine(t, fr)
+  ad = p2["layers_1"]["mlp"]["experts"]["down_proj"].adapters["h"]
+  sa, sb = np.asarray(ad["subset_a"]), np.asarray(ad["subset_b"])
+  assert not sa[~chosen].any() and not sb[~chosen].any() and np.abs(sb[chosen]).min() > 0
+  a, b, g = (np.asarray(t["layers_1"]["mlp"]["experts"]["down_proj"][n])
+             for n in ("lora_a", "lora_b", "expert_scale"))
+  k2 = p2["layers_1"]["mlp"]["experts"]["down_proj"]
+  for s in range(S):
+    y = _expert_out(k2, x, s)
+    for e in range(E):  # scale = alpha / r = 2 for both terms
+      we = w[s, e] + 2.0 * g[s, e, 0] * a[s] @ b[s] + 2.0 * sa[s, e] @ sb[s, e]
+      np.testing.assert_allclose(y[e], np.asarray(x[e]) @ we, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(
+      _expert_out(lora.merge(p2)["layers_1"]["mlp"]["experts"]["down_proj"], x, 0),
+      _expert_out(k2, x, 0), rtol=1e-5, atol=1e-5)
+  with tempfile.TemporaryDirectory() as tmp:
+    lora.save_adapter(tmp, p2, "h")
+    q = lora.load_adapter(tmp, params)
+  for u, v in zip(jax.tree.leaves(q), jax.tree.leaves(p2)):
+    np.testing.assert_array_equal(u, v)
+  with pytest.raises(ValueError, match="subset_r"):
+    lora.LoraConfig(expert_mode="shared", subset_r=2)  # no expert_subset

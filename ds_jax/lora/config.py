@@ -55,6 +55,7 @@ class LoraConfig:
   expert_mode: str = "per_expert"
   expert_scale: str = "none"
   expert_subset: Any = ()
+  subset_r: int = 0
 
   def __post_init__(self):
     for f in ("target_modules", "exclude_modules"):
@@ -84,20 +85,24 @@ class LoraConfig:
       raise ValueError("LoraConfig.expert_subset must be a sequence (one per stacked layer) of "
                        f"sequences of expert indices; got {self.expert_subset!r}") from None
     object.__setattr__(self, "expert_subset", sub)
-    if self.expert_mode == "subset":
-      if not any(sub):
-        raise ValueError("LoraConfig.expert_subset must name at least one expert with "
-                         "expert_mode='subset'; got " + repr(self.expert_subset))
+    if sub:
+      if self.expert_mode not in ("subset", "shared"):
+        raise ValueError("LoraConfig.expert_subset needs expert_mode='subset' or 'shared'; "
+                         f"got expert_mode={self.expert_mode!r}")
       for row in sub:
         if any(e < 0 for e in row) or len(set(row)) != len(row):
           raise ValueError("LoraConfig.expert_subset: expert indices must be distinct and "
                            f">= 0; got {row!r}")
-      if self.use_dora or self.init == "pissa":
-        raise ValueError("LoraConfig.expert_mode='subset' supports neither use_dora nor "
-                         "init='pissa'")
-    elif sub:
-      raise ValueError("LoraConfig.expert_subset needs expert_mode='subset'; got expert_mode="
-                       f"{self.expert_mode!r}")
+      if self.use_dora:
+        raise ValueError("LoraConfig.expert_subset does not support use_dora")
+    if self.expert_mode == "subset" and not any(sub):
+      raise ValueError("LoraConfig.expert_subset must name at least one expert with "
+                       "expert_mode='subset'; got " + repr(self.expert_subset))
+    if self.expert_mode == "subset" and self.init == "pissa":
+      raise ValueError("LoraConfig.expert_mode='subset' does not support init='pissa'")
+    if self.subset_r < 0 or (self.subset_r and not (self.expert_mode == "shared" and any(sub))):
+      raise ValueError("LoraConfig.subset_r must be >= 0 and needs expert_mode='shared' with an "
+                       f"expert_subset; got subset_r={self.subset_r}")
     if self.expert_mode == "shared" and self.init == "pissa":
       raise ValueError("init='pissa' is per weight; it cannot be shared across experts")
 
@@ -132,7 +137,7 @@ def default_lora_config() -> ConfigDict:
       enabled=False, adapter_name="default", r=8, lora_alpha=16.0,
       target_modules=["q_proj", "v_proj"], exclude_modules=[], dropout=0.0,
       use_rslora=False, use_dora=False, init="gaussian", expert_mode="per_expert",
-      expert_scale="none", expert_subset=[], seed=0))
+      expert_scale="none", expert_subset=[], subset_r=0, seed=0))
 
 
 def from_config_dict(c: ConfigDict | dict) -> LoraConfig:
@@ -146,7 +151,8 @@ def from_config_dict(c: ConfigDict | dict) -> LoraConfig:
                     use_dora=bool(c.get("use_dora", False)), init=c.get("init", "gaussian"),
                     expert_mode=c.get("expert_mode", "per_expert"),
                     expert_scale=c.get("expert_scale", "none"),
-                    expert_subset=c.get("expert_subset", ()))
+                    expert_subset=c.get("expert_subset", ()),
+                    subset_r=int(c.get("subset_r", 0)))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -33,6 +33,8 @@ from ds_jax.lora.config import LoraConfig
 from ds_jax.nn import linear
 
 Array = jax.Array
+# A shared expert adapter's extra per-expert A_e, B_e for the experts of its expert_subset.
+SUBSET_KEYS = ("subset_a", "subset_b")
 
 
 def dense(base: Any) -> Array:
@@ -130,7 +132,10 @@ class LoraKernel:
   def delta(self, name: str) -> Array:
     """scale · B·A of adapter `name`, in the base kernel's layout (leading axes included)."""
     ad = self.adapters[name]
-    return self.config(name).scale * lora_delta(self.lora_a(ad), ad["lora_b"], self.n_out)
+    d = lora_delta(self.lora_a(ad), ad["lora_b"], self.n_out)
+    if "subset_a" in ad:  # a shared adapter's per-expert term for the chosen experts
+      d = d + lora_delta(ad["subset_a"], ad["subset_b"], self.n_out)
+    return self.config(name).scale * d
 
   @staticmethod
   def lora_a(ad: dict) -> Array:
@@ -167,6 +172,17 @@ class LoraKernel:
     """Flat indices into the (stacked layer, expert) axes of the chosen experts (subset mode)."""
     return subset_index(self.config(name).expert_subset, self.stack_shape(), self.expert_axes())
 
+  def _gather_subset(self, a: Array) -> Array:
+    """[*S, E, x, y] -> [N, x, y]: the chosen experts' rows (layer-major)."""
+    lead = len(self.stack_shape()) + self.n_batch
+    return a.reshape(-1, *a.shape[lead:])[self.subset_index(self.active)]
+
+  def _scatter_subset(self, a: Array) -> Array:
+    """Inverse of `_gather_subset`: the rows into zeros [*S, E, x, y]."""
+    lead = self.stack_shape() + self.expert_axes()
+    full = jnp.zeros((math.prod(lead), *a.shape[1:]), a.dtype)
+    return full.at[self.subset_index(self.active)].set(a).reshape(*lead, *a.shape[1:])
+
   def stack_shape(self) -> tuple[int, ...]:
     shape = self.shape
     return tuple(shape[:len(shape) - self.n_out - 1 - self.n_batch])
@@ -179,12 +195,12 @@ class LoraKernel:
   def share(self, key: str, a: Any) -> Any:
     """Trainable copy of adapter array `key`: the shared slice for lora_a / lora_b of a shared
     adapter, the chosen experts' rows [N, x, y] of a subset adapter, else `a` itself."""
+    if key in SUBSET_KEYS and a is not None:
+      return self._gather_subset(a)
     if key not in ("lora_a", "lora_b") or not self.is_packed(self.active) or a is None:
       return a
     if self.is_subset(self.active):
-      lead = len(self.stack_shape()) + self.n_batch
-      flat = a.reshape(-1, *a.shape[lead:])
-      return flat[self.subset_index(self.active)]
+      return self._gather_subset(a)
     return shared_slice(a, self.n_batch) if key == "lora_a" else shared_slice(
         a.reshape(*a.shape[:a.ndim - self.n_out], -1), self.n_batch).reshape(
             *a.shape[:a.ndim - self.n_out - 1 - self.n_batch], -1, *a.shape[a.ndim - self.n_out:])
@@ -192,14 +208,14 @@ class LoraKernel:
   def unshare(self, key: str, a: Any) -> Any:
     """Inverse of `share`: broadcast a shared lora_a / lora_b over the expert axes; scatter a
     subset adapter's rows into zeros (the other experts' A, B stay exactly 0)."""
+    if key in SUBSET_KEYS and hasattr(a, "ndim"):
+      return self._scatter_subset(a)
     if key not in ("lora_a", "lora_b") or not self.is_packed(self.active) or not hasattr(
         a, "ndim"):
       return a
     experts = self.expert_axes()
     if self.is_subset(self.active):
-      lead = self.stack_shape() + experts
-      full = jnp.zeros((math.prod(lead), *a.shape[1:]), a.dtype)
-      return full.at[self.subset_index(self.active)].set(a).reshape(*lead, *a.shape[1:])
+      return self._scatter_subset(a)
     if key == "lora_a":
       return broadcast_experts(a, experts)
     outs = a.shape[a.ndim - self.n_out:]
@@ -234,6 +250,9 @@ class LoraKernel:
     # projections, transposed uses too); the contraction order is left to opt_einsum.
     low = jnp.einsum(f"{x_spec},{batch}{d}{r},{batch}{r}{outs}->{out_spec}", xd,
                      self.lora_a(ad).astype(dtype), ad["lora_b"].astype(dtype))
+    if "subset_a" in ad:  # tied + the chosen experts' own A_e, B_e (rank subset_r)
+      low = low + jnp.einsum(f"{x_spec},{batch}{d}{r},{batch}{r}{outs}->{out_spec}", xd,
+                             ad["subset_a"].astype(dtype), ad["subset_b"].astype(dtype))
     y = y + (cfg.scale * low).astype(y.dtype)
     if cfg.use_dora:
       wc = dense(self.base).astype(jnp.float32) + self.delta(name).astype(jnp.float32)

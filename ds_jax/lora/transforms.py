@@ -6,6 +6,7 @@ returns a new one; targeted weights become `LoraKernel` values, nothing in the m
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 from typing import Any, Callable, Optional
@@ -19,7 +20,7 @@ from ds_jax.lora.config import (LoraConfig, is_expert_path, is_target, is_weight
 from ds_jax.lora.kernel import (LoraKernel, broadcast_experts, column_norm, dense, kernel_shape,
                                 lora_delta, subset_index)
 
-TRAINABLE_KEYS = ("lora_a", "lora_b", "magnitude", "expert_scale")
+TRAINABLE_KEYS = ("lora_a", "lora_b", "magnitude", "expert_scale", "subset_a", "subset_b")
 
 
 def is_kernel_object(x: Any) -> bool:
@@ -121,6 +122,14 @@ def _new_adapters(cfg: LoraConfig, layout: tuple, rng: jax.Array, bases: dict) -
       if cfg.expert_scale != "none":
         k = cfg.r if cfg.expert_scale == "rank" else 1
         ad["expert_scale"] = jnp.ones((*shape[:lead + nb], k), jnp.float32)
+      if any(cfg.expert_subset):  # tied + per-expert A_e, B_e on the chosen experts
+        rs = cfg.subset_r or cfg.r
+        keep = np.zeros(math.prod(shape[:lead + nb]), np.float32)
+        keep[subset_index(cfg.expert_subset, shape[:lead], shape[lead:lead + nb])] = 1.0
+        noise = draw(jax.random.fold_in(rng, 0x5B), (*shape[:-n_out], rs), jnp.float32)
+        sub, _ = _init_adapter(dataclasses.replace(cfg, r=rs), shape, n_out, noise, None)
+        ad["subset_a"] = sub["lora_a"] * keep.reshape(*shape[:lead + nb], 1, 1)
+        ad["subset_b"] = sub["lora_b"]
     if cfg.expert_mode == "subset" and nb > 0:  # only the chosen experts keep their A
       lead = len(shape) - n_out - 1 - nb
       keep = np.zeros(math.prod(shape[:lead + nb]), np.float32)
