@@ -78,6 +78,8 @@ def main(argv=None) -> int:
           f"{'base' if name == a.base else ('yes' if ok else 'no')} |")
   print(f"\npassing (score >= {b['score']:.1f} + {MARGIN}, img→txt >= {b['i2t']:.1f} - {MARGIN}): "
         + (", ".join(passing) if passing else "none"))
+  if unfinished:
+    print("unfinished (not judged): " + "; ".join(unfinished))
   return 0
 
 
