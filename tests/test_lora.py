@@ -581,6 +581,34 @@ def test_shared_expert_dora_in_parts():
     np.testing.assert_array_equal(u, v)
 
 
+@pytest.mark.parametrize("mode", ["per_expert", "shared"])
+def test_count_params_on_abstract_full_size_model(mode):
+  """Counting an adapter on a full-size model without allocating it (jax.eval_shape), for both
+  expert modes: equal to r·(D+F) summed by hand over DeepSeek-V2-Lite's linear layers."""
+  from ds_jax import config as cfglib
+  from ds_jax.analysis.params import abstract_params
+  mc = cfglib.model_config(cfglib.load_config("experiments/deepseek_v2_lite.py").model)
+  params = abstract_params(mc)
+  cfg = lora.LoraConfig(target_modules="all-linear", r=8, lora_alpha=16, expert_mode=mode)
+  p = jax.eval_shape(lambda q: lora.add_adapter(q, "a", cfg, jax.random.key(0)), params)
+  c = lora.count_params(p)
+  d, h = mc.hidden_size, mc.num_attention_heads
+  attn = ((d, h * (mc.qk_nope_head_dim + mc.qk_rope_head_dim)),
+          (d, mc.kv_lora_rank + mc.qk_rope_head_dim),
+          (mc.kv_lora_rank, h * (mc.qk_nope_head_dim + mc.v_head_dim)), (h * mc.v_head_dim, d))
+  mlp = lambda f: 2 * (d + f) + (f + d)  # gate, up (D -> F), down (F -> D): r·(D+F) each
+  n_moe = mc.num_hidden_layers - mc.first_k_dense_replace
+  experts = mc.n_routed_experts if mode == "per_expert" else 1
+  per_r = (mc.num_hidden_layers * sum(i + o for i, o in attn)
+           + mc.first_k_dense_replace * mlp(mc.intermediate_size)
+           + n_moe * mlp(mc.n_shared_experts * mc.moe_intermediate_size)
+           + n_moe * experts * mlp(mc.moe_intermediate_size))
+  assert c["trainable"] == 8 * per_r
+  assert c["base"] == sum(a.size for a in jax.tree.leaves(params))
+  if mode == "per_expert":  # r = 8 on every linear layer, one adapter per routed expert: < 1%
+    assert 0.009 < c["trainable"] / c["base"] < 0.0095
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("matmul", ["auto", "dense_mask"])
 def test_moe_mla_model_shared_expert_adapter(matmul):

@@ -90,8 +90,14 @@ def _size(x: Any) -> int:
 
 
 def count_params(params: Any) -> dict[str, int]:
-  """{'trainable': active-adapter parameters, 'base': base parameters, 'total': all}."""
-  trainable, _ = split_trainable(params)
+  """{'trainable': active-adapter parameters, 'base': base parameters, 'total': all}.
+
+  Works on abstract trees too (`jax.eval_shape` of `add_adapter` on a full-size model's
+  abstract parameters), so an adapter's size can be counted before anything is allocated."""
+  if any(isinstance(a, jax.ShapeDtypeStruct) for a in jax.tree.leaves(params)):
+    trainable = jax.eval_shape(lambda p: split_trainable(p)[0], params)
+  else:
+    trainable, _ = split_trainable(params)
   n_train = sum(int(np.size(a)) for a in jax.tree.leaves(trainable))
   total, base = [0], [0]
 
