@@ -3,6 +3,7 @@
   python scripts/bench_train.py [--steps 20] [--threads 2] [--config experiments/bench_dsv2_tiny.py]
                                 [--skip-torch] [--config.model.moe_dispatch=capacity ...]
                                 [--platform cpu|gpu|tpu] [--dtype float32|bfloat16]
+                                [--profile-torch]
 
 Both sides run forward + backward + AdamW on the same shape, batch and sequence, one process, in
 this one run; the device's matmul peak in the compute dtype is measured in the same run and MFU
@@ -61,7 +62,7 @@ def bench_ds_jax(cfg, steps: int) -> dict:
 
 
 def bench_torch(mc, batch: int, seq: int, steps: int, threads: int, device: str = "cpu",
-                dtype: str = "float32") -> dict:
+                dtype: str = "float32", profile: bool = False) -> dict:
   import contextlib
   import torch
   from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
@@ -99,6 +100,14 @@ def bench_torch(mc, batch: int, seq: int, steps: int, threads: int, device: str 
     t = time.perf_counter()
     loss = step()
     times.append(time.perf_counter() - t)
+  if profile:  # where torch's step goes: its ops by self time, over 3 more steps
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+      for _ in range(3):
+        step()
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+    print(f"experts implementation: {getattr(model.config, '_experts_implementation', None)}")
   return {"step_s": statistics.median(times), "loss": loss}
 
 
@@ -112,6 +121,8 @@ def main() -> int:
                  help="JAX platform; torch runs on CUDA when gpu (default cpu)")
   p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                  help="compute dtype of both sides (parameters stay float32)")
+  p.add_argument("--profile-torch", action="store_true",
+                 help="also print torch's op profile (self time) over 3 extra steps")
   args, rest = p.parse_known_args()
   bad = [a for a in rest if not a.startswith("--config.")]
   if bad:
@@ -134,7 +145,7 @@ def main() -> int:
   if not args.skip_torch:
     device = "cuda" if jax.default_backend() == "gpu" else "cpu"
     theirs = bench_torch(mc, cfg.batch_size, cfg.seq_len, args.steps, args.threads, device,
-                         args.dtype)
+                         args.dtype, args.profile_torch)
     rows.append((f"transformers DeepseekV2ForCausalLM (torch {device}, {short})",
                  theirs["step_s"]))
   print(f"config {args.config}: batch {cfg.batch_size} x seq {cfg.seq_len} = {tokens} tokens/step,"
