@@ -1,7 +1,7 @@
 """Tri-modal digits ablation: loss (softmax / sigmoid / contrastive_mse) x CMAA (on / off) and the
 image-anchored pairing, several seeds, one Markdown table.
 
-  python scripts/mm_ablation.py --out runs/mm_ablation --seeds 0,1,2 [--epochs 20]
+  python scripts/mm_ablation.py --out runs/mm_ablation --seeds 0,1,2 [--epochs 30]
       [--shard 0/2]            # run every 2nd run only (two processes, one core each)
       [--arms a,b]             # a subset of the arms (e.g. one process per group of arms)
       [--report]               # only (re)write <out>/ablation.md from the finished runs
@@ -118,7 +118,7 @@ def main(argv=None) -> int:
   p = argparse.ArgumentParser()
   p.add_argument("--out", default="runs/mm_ablation")
   p.add_argument("--seeds", default="0,1,2")
-  p.add_argument("--epochs", type=int, default=20)
+  p.add_argument("--epochs", type=int, default=30)  # round 4 (was 20 through round 3)
   p.add_argument("--eval-split", default="test", choices=("test", "val", "voices"))
   p.add_argument("--arms", default="", help="comma-separated arm names (default: all)")
   p.add_argument("--shard", default="0/1", help="i/n: run every n-th run starting at i")
