@@ -28,6 +28,21 @@ def _expert_out(k, x, s):
   return np.asarray(ks.einsum("ecd,edf->ecf", x, dtype=jnp.float32))
 
 
+def _adam_steps(t, fr, x, target, steps=3):
+  """A few Adam steps on the trainable tree `t` for a squared error over every expert's
+  down_proj output (each stacked layer s against target[s])."""
+  def loss(t):
+    kk = lora.combine(t, fr)["layers_1"]["mlp"]["experts"]["down_proj"]
+    return sum(jnp.sum((jax.tree.map(lambda v: v[s], kk).einsum(
+        "ecd,edf->ecf", x, dtype=jnp.float32) - target[s]) ** 2) for s in range(S))
+  tx = optax.adam(0.05)
+  st = tx.init(t)
+  for _ in range(steps):
+    upd, st = tx.update(jax.grad(loss)(t), st)
+    t = optax.apply_updates(t, upd)
+  return t
+
+
 def test_subset_expert_adapter_count_training_and_io():
   rng = np.random.default_rng(0)
   w, params = _params(rng)
@@ -53,16 +68,7 @@ def test_subset_expert_adapter_count_training_and_io():
   x = jnp.asarray(rng.normal(size=(E, 3, D)), jnp.float32)
   target = jnp.asarray(rng.normal(size=(S, E, 3, F)), jnp.float32)
 
-  def loss(t):
-    kk = lora.combine(t, fr)["layers_1"]["mlp"]["experts"]["down_proj"]
-    return sum(jnp.sum((jax.tree.map(lambda v: v[s], kk).einsum(
-        "ecd,edf->ecf", x, dtype=jnp.float32) - target[s]) ** 2) for s in range(S))
-  tx = optax.adam(0.05)
-  st = tx.init(t)
-  for _ in range(3):
-    g = jax.grad(loss)(t)
-    upd, st = tx.update(g, st)
-    t = optax.apply_updates(t, upd)
+  t = _adam_steps(t, fr, x, target)
   p2 = lora.combine(t, fr)
   k2 = p2["layers_1"]["mlp"]["experts"]["down_proj"]
   a2, b2 = (np.asarray(k2.adapters["esft"][n]) for n in ("lora_a", "lora_b"))
@@ -163,15 +169,7 @@ def test_shared_plus_subset_expert_adapter():
   assert te["subset_a"].shape == (n_chosen, D, rs) and te["lora_a"].shape == (S, D, R)
   target = jnp.asarray(rng.normal(size=(S, E, 3, F)), jnp.float32)
 
-  def loss(t):
-    kk = lora.combine(t, fr)["layers_1"]["mlp"]["experts"]["down_proj"]
-    return sum(jnp.sum((jax.tree.map(lambda v: v[s], kk).einsum(
-        "ecd,edf->ecf", x, dtype=jnp.float32) - target[s]) ** 2) for s in range(S))
-  tx = optax.adam(0.05)
-  st = tx.init(t)
-  for _ in range(3):
-    upd, st = tx.update(jax.grad(loss)(t), st)
-    t = optax.apply_updates(t, upd)
+  t = _adam_steps(t, fr, x, target)
   p2 = lora.combine(t, fr)
   ad = p2["layers_1"]["mlp"]["experts"]["down_proj"].adapters["h"]
   sa, sb = np.asarray(ad["subset_a"]), np.asarray(ad["subset_b"])
