@@ -86,6 +86,14 @@ def _unmerged_weights(kernels: dict[str, LoraKernel]) -> dict[str, jax.Array]:
   return out
 
 
+def _subset_mask(cfg: LoraConfig, shape: tuple, n_out: int, nb: int) -> np.ndarray:
+  """[*S, *E, 1, 1]: 1 on cfg.expert_subset's experts, 0 elsewhere (masks an A [*S, *E, D, r])."""
+  lead = len(shape) - n_out - 1 - nb
+  keep = np.zeros(math.prod(shape[:lead + nb]), np.float32)
+  keep[subset_index(cfg.expert_subset, shape[:lead], shape[lead:lead + nb])] = 1.0
+  return keep.reshape(*shape[:lead + nb], 1, 1)
+
+
 def _new_adapters(cfg: LoraConfig, layout: tuple, rng: jax.Array, bases: dict) -> dict:
   """{path: (adapter arrays, new base or None)} for every (path, shape, n_out, n_batch) in
   layout.
@@ -124,17 +132,12 @@ def _new_adapters(cfg: LoraConfig, layout: tuple, rng: jax.Array, bases: dict) -
         ad["expert_scale"] = jnp.ones((*shape[:lead + nb], k), jnp.float32)
       if any(cfg.expert_subset):  # tied + per-expert A_e, B_e on the chosen experts
         rs = cfg.subset_r or cfg.r
-        keep = np.zeros(math.prod(shape[:lead + nb]), np.float32)
-        keep[subset_index(cfg.expert_subset, shape[:lead], shape[lead:lead + nb])] = 1.0
         noise = draw(jax.random.fold_in(rng, 0x5B), (*shape[:-n_out], rs), jnp.float32)
         sub, _ = _init_adapter(dataclasses.replace(cfg, r=rs), shape, n_out, noise, None)
-        ad["subset_a"] = sub["lora_a"] * keep.reshape(*shape[:lead + nb], 1, 1)
+        ad["subset_a"] = sub["lora_a"] * _subset_mask(cfg, shape, n_out, nb)
         ad["subset_b"] = sub["lora_b"]
     if cfg.expert_mode == "subset" and nb > 0:  # only the chosen experts keep their A
-      lead = len(shape) - n_out - 1 - nb
-      keep = np.zeros(math.prod(shape[:lead + nb]), np.float32)
-      keep[subset_index(cfg.expert_subset, shape[:lead], shape[lead:lead + nb])] = 1.0
-      ad["lora_a"] = ad["lora_a"] * keep.reshape(*shape[:lead + nb], 1, 1)
+      ad["lora_a"] = ad["lora_a"] * _subset_mask(cfg, shape, n_out, nb)
     if cfg.use_dora:
       ad["magnitude"] = column_norm(dense(base) if new_base is None else new_base, n_out)
     out[path] = (ad, new_base)
